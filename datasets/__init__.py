@@ -1,0 +1,1 @@
+"""fedrecon.datasets: fastMRI-format loading, CT data and heterogeneous site simulation."""

@@ -1,0 +1,75 @@
+"""Argument validation shared by the operators: errors name the argument and the expected shape."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def format_shape(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"argument '{name}' must be a torch.Tensor; got {type(value).__name__}")
+    return value
+
+
+def check_trailing_shape(name: str, x: Tensor, expected: Sequence[int], owner: str = "") -> None:
+    """Raise ``ValueError`` unless ``x.shape`` ends with ``expected``."""
+    check_tensor(name, x)
+    n = len(expected)
+    if x.ndim < n or tuple(x.shape[x.ndim - n :]) != tuple(expected):
+        where = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{where}argument '{name}' must have shape {format_shape(['...', *expected])}; "
+            f"got {format_shape(tuple(x.shape))}"
+        )
+
+
+def check_complex(name: str, x: Tensor, owner: str = "") -> None:
+    if not x.is_complex():
+        where = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{where}argument '{name}' must be complex (torch.complex64/complex128); got {x.dtype}"
+        )
+
+
+def check_real(name: str, x: Tensor, owner: str = "") -> None:
+    if x.is_complex() or not x.is_floating_point():
+        where = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{where}argument '{name}' must be real floating point (float32/float64); got {x.dtype}"
+        )
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"argument '{name}' must contain only finite values; got NaN or Inf")
+
+
+def check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"argument '{name}' must be a finite positive number; got {value}")
+    return value
+
+
+def as_image_size(name: str, size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        size = (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"argument '{name}' must be a positive int or a pair (H, W); got {size}")
+    return size  # type: ignore[return-value]
+
+
+def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
+
+
+def complex_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    return {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(dtype, dtype)
