@@ -292,6 +292,12 @@ class MultiCoilMRI(_CartesianMRI):
         z = self._adj_fft(self._apply_mask(k, self._kmask(x.dtype, x.device, square=True)))
         return self._finish_image(_coil_combine(maps, z))
 
+    def norm_bound(self) -> float:
+        """``max|M| * max_pixel sqrt(sum_c |S_c|^2)`` >= ``||A||_2`` (exact for RSS-normalized maps
+        and a mask that samples some column fully)."""
+        sens = float(self.coil_maps.abs().square().sum(dim=-3).max().sqrt())
+        return sens * float(self.mask.abs().max())
+
     def extra_repr(self) -> str:
         return (f"coils={self.n_coils}, image={self.domain_shape}, "
                 f"batch_shape={self.batch_shape}")
@@ -340,6 +346,10 @@ class SingleCoilMRI(_CartesianMRI):
         check_trailing_shape("y", y, self.range_shape, type(self).__name__)
         y = y.to(_compute_dtype(y))
         return self._finish_image(self._adj_fft(y * self._kmask(y.dtype, y.device)))
+
+    def norm_bound(self) -> float:
+        """``max|M|``: the centred orthonormal FFT has norm one."""
+        return float(self.mask.abs().max())
 
     def A_normal(self, x: Tensor) -> Tensor:  # noqa: N802
         """``ifft2c(M^2 * fft2c(x))``."""

@@ -148,3 +148,11 @@ def test_algebra_identities(name: str) -> None:
     assert _rel((op.H @ op).A(x), op.A_normal(x)) < 1e-10
     assert _rel((op @ x), op.A(x)) < 1e-14
     assert _rel((op - op).A(x) + op.A(x), op.A(x)) < 1e-10
+
+
+def test_norm_bound_bounds_the_norm(name: str) -> None:
+    op = make_operator(name, device="cpu", dtype=torch.float64)
+    sigma = float(torch.linalg.matrix_norm(_dense(op), ord=2).max())
+    bound = op.norm_bound()
+    assert bound >= sigma * (1 - 1e-3), (bound, sigma)
+    assert bound == op.norm_bound()  # cached / deterministic

@@ -1,0 +1,216 @@
+"""Learned priors: a fastMRI-style U-Net, a DnCNN-style residual CNN, FiLM conditioning,
+and the image adapter that feeds them complex MRI or real CT images.
+
+Every module declares its role (see :mod:`fedrecon.models.roles`): the networks are
+``PRIOR``, FiLM generators ``CONDITIONING``, the adapter ``ADAPTER``; torch's normalization
+layers are ``NORM`` wherever they sit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .roles import Role
+
+__all__ = ["FiLM", "UNet", "DnCNN", "ImagePrior", "squash_protocol"]
+
+
+def squash_protocol(protocol: Tensor) -> Tensor:
+    """``sign(v) * log1p(|v|)``: protocol vectors mix scales (accelerations ~4, distances
+    ~500 mm, log10 I0 ~5); this keeps them all O(1) without a fitted normalizer."""
+    return torch.sign(protocol) * torch.log1p(protocol.abs())
+
+
+class FiLM(nn.Module):
+    """Feature-wise affine modulation ``(1 + gamma(c)) * h + beta(c)`` from a protocol vector.
+
+    The last layer starts at zero, so an untrained FiLM is the identity.
+    """
+
+    role = Role.CONDITIONING
+
+    def __init__(self, cond_dim: int, channels: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * channels))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, h: Tensor, cond: Tensor | None) -> Tensor:
+        if cond is None:
+            return h
+        gamma, beta = self.net(squash_protocol(cond).to(h.dtype)).chunk(2, dim=-1)
+        return h * (1 + gamma[..., None, None]) + beta[..., None, None]
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"argument 'norm' must be 'instance', 'batch', 'group' or 'none'; got {kind!r}")
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, norm: str, drop: float, cond_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none")
+        self.norm1 = _norm(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none")
+        self.norm2 = _norm(norm, cout)
+        self.drop = nn.Dropout2d(drop) if drop > 0 else nn.Identity()
+        self.film = FiLM(cond_dim, cout) if cond_dim > 0 else None
+
+    def forward(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        h = self.drop(F.leaky_relu(self.norm1(self.conv1(x)), 0.2))
+        h = self.norm2(self.conv2(h))
+        if self.film is not None:
+            h = self.film(h, cond)
+        return self.drop(F.leaky_relu(h, 0.2))
+
+
+class UNet(nn.Module):
+    """U-Net in the fastMRI style: (conv-norm-LeakyReLU) x 2 per level, average-pool down,
+    transposed-conv up, skip concatenation, a 1x1 output conv.
+
+    Parameters
+    ----------
+    in_chans, out_chans
+        Channels of ``(B, in_chans, H, W)`` in and ``(B, out_chans, H, W)`` out; ``H`` and ``W``
+        must be multiples of ``2**num_pools`` (:class:`ImagePrior` pads for you).
+    chans
+        Channels of the first level (doubling per level).
+    cond_dim
+        Length of the protocol vector for FiLM conditioning (0: none).
+    """
+
+    role = Role.PRIOR
+
+    def __init__(self, in_chans: int = 2, out_chans: int = 2, chans: int = 16, num_pools: int = 3,
+                 drop_prob: float = 0.0, norm: str = "instance", cond_dim: int = 0) -> None:
+        super().__init__()
+        self.num_pools = num_pools
+        self.down = nn.ModuleList([_ConvBlock(in_chans, chans, norm, drop_prob, cond_dim)])
+        ch = chans
+        for _ in range(num_pools - 1):
+            self.down.append(_ConvBlock(ch, 2 * ch, norm, drop_prob, cond_dim))
+            ch *= 2
+        self.bottleneck = _ConvBlock(ch, 2 * ch, norm, drop_prob, cond_dim)
+        self.up_conv = nn.ModuleList()
+        self.up_block = nn.ModuleList()
+        for _ in range(num_pools):
+            self.up_conv.append(nn.Sequential(nn.ConvTranspose2d(2 * ch, ch, 2, stride=2, bias=False),
+                                              _norm(norm, ch), nn.LeakyReLU(0.2)))
+            self.up_block.append(_ConvBlock(2 * ch, ch, norm, drop_prob, cond_dim))
+            ch //= 2
+        self.out = nn.Conv2d(chans, out_chans, 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2**self.num_pools
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        skips = []
+        h = x
+        for block in self.down:
+            h = block(h, cond)
+            skips.append(h)
+            h = F.avg_pool2d(h, 2)
+        h = self.bottleneck(h, cond)
+        for up, block in zip(self.up_conv, self.up_block):
+            h = up(h)
+            h = block(torch.cat([h, skips.pop()], dim=1), cond)
+        return self.out(h)
+
+
+class DnCNN(nn.Module):
+    """DnCNN-style CNN: conv-ReLU, ``depth - 2`` x (conv-norm-ReLU), conv (Zhang et al. 2017)."""
+
+    role = Role.PRIOR
+
+    def __init__(self, in_chans: int = 2, out_chans: int = 2, depth: int = 8, features: int = 32,
+                 norm: str = "none", cond_dim: int = 0) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"argument 'depth' must be >= 2; got {depth}")
+        self.head = nn.Conv2d(in_chans, features, 3, padding=1)
+        self.body = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.films = nn.ModuleList()
+        for _ in range(depth - 2):
+            self.body.append(nn.Conv2d(features, features, 3, padding=1, bias=norm == "none"))
+            self.norms.append(_norm(norm, features))
+            if cond_dim > 0:
+                self.films.append(FiLM(cond_dim, features))
+        self.tail = nn.Conv2d(features, out_chans, 3, padding=1)
+
+    size_multiple = 1
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        h = F.relu(self.head(x))
+        for i, (conv, norm) in enumerate(zip(self.body, self.norms)):
+            h = norm(conv(h))
+            if len(self.films):
+                h = self.films[i](h, cond)
+            h = F.relu(h)
+        return self.tail(h)
+
+
+class ImagePrior(nn.Module):
+    """Adapter around a CNN: complex/real images in and out, per-sample normalization, padding,
+    and a residual connection, so one network class serves MRI and CT.
+
+    ``forward(x, cond)``: ``x`` is ``(B, H, W)`` complex (MRI: 2 channels real/imag) or real
+    (CT: 1 channel); the output has the same shape and dtype. Each sample is normalized to
+    zero mean and unit standard deviation per channel before the network and restored after,
+    so the prior sees the same scale at every site whatever the data's units.
+    """
+
+    role = Role.ADAPTER
+
+    def __init__(self, net: nn.Module, *, residual: bool = True, normalize: bool = True) -> None:
+        super().__init__()
+        self.net = net
+        self.residual = residual
+        self.normalize = normalize
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        lead = x.shape[:-2]
+        h, w = x.shape[-2:]
+        flat = x.reshape(-1, h, w)
+        chans = torch.view_as_real(flat).permute(0, 3, 1, 2) if flat.is_complex() else flat[:, None]
+        param = next(self.net.parameters(), None)
+        if param is not None and chans.dtype != param.dtype:
+            chans = chans.to(param.dtype)  # e.g. complex128 data through a float32 network
+        if self.normalize:
+            mean = chans.mean(dim=(-2, -1), keepdim=True)
+            std = chans.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6 * chans.abs().amax().clamp_min(1e-12))
+            inp = (chans - mean) / std
+        else:
+            inp = chans
+        m = int(getattr(self.net, "size_multiple", 1))
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            inp = F.pad(inp, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect"
+                        if min(h, w) > max(ph, pw) else "constant")
+        c = None
+        if cond is not None:
+            c = cond.reshape(-1, cond.shape[-1]).to(inp.dtype)
+            if c.shape[0] == 1 and inp.shape[0] > 1:
+                c = c.expand(inp.shape[0], -1)
+        out = self.net(inp, c)
+        out = out[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+        if self.residual:
+            out = inp[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w] + out
+        if self.normalize:
+            out = out * std + mean
+        if flat.is_complex():
+            out = torch.view_as_complex(out.permute(0, 2, 3, 1).to(x.real.dtype).contiguous())
+        else:
+            out = out[:, 0].to(x.dtype)
+        return out.reshape(*lead, h, w)
