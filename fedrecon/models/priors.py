@@ -44,6 +44,14 @@ class FiLM(nn.Module):
         return h * (1 + gamma[..., None, None]) + beta[..., None, None]
 
 
+def _zero_init(conv: nn.Conv2d) -> None:
+    """Start the residual prior at the identity: the unrolled net then begins as the
+    classical iteration (gradient steps or CG from FBP / A^H y) and learns from there."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm2d(channels)
@@ -109,6 +117,7 @@ class UNet(nn.Module):
             self.up_block.append(_ConvBlock(2 * ch, ch, norm, drop_prob, cond_dim))
             ch //= 2
         self.out = nn.Conv2d(chans, out_chans, 1)
+        _zero_init(self.out)
 
     @property
     def size_multiple(self) -> int:
@@ -148,6 +157,7 @@ class DnCNN(nn.Module):
             if cond_dim > 0:
                 self.films.append(FiLM(cond_dim, features))
         self.tail = nn.Conv2d(features, out_chans, 3, padding=1)
+        _zero_init(self.tail)
 
     size_multiple = 1
 

@@ -53,6 +53,10 @@ def test_shapes_dtypes_and_gradient_flow(dc: str, prior: str, modality: str,
     cfg = ModelConfig(dc=dc, prior=prior, n_iter=2, chans=4, num_pools=2, depth=3, cond_dim=3,
                       cg_iters=3)
     model = build_model(cfg, complex_images=modality == "mri").to(device)
+    with torch.no_grad():  # leave the identity initialization so every layer sees gradient
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
     op, y, x = _mri_problem(device) if modality == "mri" else _ct_problem(device)
     protocol = torch.tensor([[4.0, 0.08, 4.0], [8.0, 0.04, 4.0]], device=device)
     out = model(y, op, protocol=protocol)
@@ -62,8 +66,7 @@ def test_shapes_dtypes_and_gradient_flow(dc: str, prior: str, modality: str,
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
-    # the DC parameters and the prior both receive signal (FiLM starts at identity, so its
-    # first layer may see exactly zero gradient; its output layer must not)
+    # the DC parameters, the prior and the FiLM conditioning all receive signal
     grads = {n: float(p.grad.abs().sum()) for n, p in model.named_parameters()}
     assert any(v > 0 for n, v in grads.items() if n.startswith("dc."))
     assert any(v > 0 for n, v in grads.items() if ".net." in n and "film" not in n)
@@ -117,9 +120,18 @@ def test_checkpointing_gives_the_same_gradients() -> None:
         assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-7), na
 
 
+def test_untrained_prior_is_the_identity() -> None:
+    # zero-initialized output layers: an untrained network is the classical iteration
+    for net in (UNet(2, 2, chans=4, num_pools=2), DnCNN(2, 2, depth=3, features=4)):
+        prior = ImagePrior(net)
+        x = torch.randn(2, 16, 16, dtype=torch.complex64)
+        assert torch.allclose(prior(x), x, atol=1e-5)
+
+
 def test_film_is_identity_at_initialization() -> None:
     torch.manual_seed(0)
     net = UNet(2, 2, chans=4, num_pools=2, cond_dim=3)
+    torch.nn.init.normal_(net.out.weight, 0, 0.1)
     plain = UNet(2, 2, chans=4, num_pools=2, cond_dim=0)
     plain_state = {k: v for k, v in net.state_dict().items() if "film" not in k}
     plain.load_state_dict(plain_state)
@@ -130,10 +142,13 @@ def test_film_is_identity_at_initialization() -> None:
 
 def test_image_prior_pads_odd_sizes_and_keeps_scale_equivariance() -> None:
     torch.manual_seed(0)
-    prior = ImagePrior(UNet(2, 2, chans=4, num_pools=2)).eval()
+    net = UNet(2, 2, chans=4, num_pools=2)
+    torch.nn.init.normal_(net.out.weight, 0, 0.1)
+    prior = ImagePrior(net).eval()
     x = torch.randn(3, 19, 23, dtype=torch.complex64)
     out = prior(x)
     assert out.shape == x.shape
+    assert not torch.allclose(out, x, atol=1e-3)
     # per-sample normalization: the prior commutes with a positive rescaling of its input
     assert torch.allclose(prior(7.0 * x), 7.0 * out, rtol=1e-4, atol=1e-5)
 
