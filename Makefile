@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	# fastMRI's own mask functions: an independent reference for the mask tests only
 	$(PY) -m pip install --quiet --no-deps "fastmri==0.3.0"
+	# real anatomy offline: the MNI152 template file inside nilearn's wheel (read with nibabel;
+	# nilearn itself is never imported, so its dependencies are not needed)
+	$(PY) -m pip install --quiet --no-deps "nilearn==0.14.1"
 	touch $(STAMP)
 
 demo: $(STAMP)

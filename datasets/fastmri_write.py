@@ -31,8 +31,12 @@ from xml.sax.saxutils import escape
 import h5py
 import numpy as np
 
-__all__ = ["ISMRMRD_NAMESPACE", "write_fastmri_volume", "ismrmrd_header_xml",
-           "atomic_h5_file"]
+__all__ = [
+    "ISMRMRD_NAMESPACE",
+    "atomic_h5_file",
+    "ismrmrd_header_xml",
+    "write_fastmri_volume",
+]
 
 ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
 _GAMMA_HZ_PER_T = 42.577478e6
