@@ -27,7 +27,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +162,7 @@ def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int],
 
 _CACHE: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
-_CACHE_SIZE = 8
+_CACHE_SIZE = 12
 _NORM_CACHE: dict[CTGeometry, float] = {}
 
 
@@ -172,24 +172,34 @@ def clear_projector_cache() -> None:
         _CACHE.clear()
 
 
-def _system_matrices(geom: CTGeometry, dtype: torch.dtype,
-                     device: torch.device) -> tuple[Tensor, Tensor]:
-    key = (geom, dtype, str(device))
+RowBuilder = Callable[[CTGeometry, torch.device], tuple[Tensor, Tensor, Tensor]]
+
+
+def cached_sparse_pair(kind: str, geom: CTGeometry, build_rows: RowBuilder, shape: tuple[int, int],
+                       dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A sparse matrix ``(shape)`` and its transpose, built by ``build_rows`` and cached (LRU)
+    under ``(kind, geometry, dtype, device)``."""
+    key = (kind, geom, dtype, str(device))
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
     build_device = device if device.type == "cuda" else torch.device("cpu")
-    crow, col, val = _joseph_rows(geom, build_device)
-    n_rays = geom.n_angles * geom.det_count
-    n_pix = geom.image_size[0] * geom.image_size[1]
-    mat = _csr(crow, col, val, (n_rays, n_pix), dtype).to(device)
-    mat_t = _csr(*_transpose_csr(crow, col, val, n_pix), (n_pix, n_rays), dtype).to(device)
+    crow, col, val = build_rows(geom, build_device)
+    mat = _csr(crow, col, val, shape, dtype).to(device)
+    mat_t = _csr(*_transpose_csr(crow, col, val, shape[1]), (shape[1], shape[0]), dtype).to(device)
     with _CACHE_LOCK:
         _CACHE[key] = (mat, mat_t)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return mat, mat_t
+
+
+def _system_matrices(geom: CTGeometry, dtype: torch.dtype,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+    n_rays = geom.n_angles * geom.det_count
+    n_pix = geom.image_size[0] * geom.image_size[1]
+    return cached_sparse_pair("joseph", geom, _joseph_rows, (n_rays, n_pix), dtype, device)
 
 
 class _SparseApply(torch.autograd.Function):

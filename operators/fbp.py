@@ -17,14 +17,12 @@ parallel beam, ``[0, 2 pi)`` for fan beam); for a short fan scan pass ``parker=T
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
 from ._checks import check_real, check_trailing_shape
-from .ct import CTGeometry, FanBeam2D, ParallelBeam2D, _csr, _Projector2D, _SparseApply, _transpose_csr
+from .ct import CTGeometry, FanBeam2D, ParallelBeam2D, _Projector2D, _SparseApply, cached_sparse_pair
 
 __all__ = ["FILTERS", "fbp", "ramp_filter", "filter_sinogram", "parker_weights"]
 
@@ -143,28 +141,11 @@ def _fbp_backprojector_rows(geom: CTGeometry, device: torch.device,
     return crow, torch.cat(cols_all), torch.cat(vals_all)
 
 
-_BP_CACHE: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
-_BP_LOCK = threading.Lock()
-
-
 def _fbp_backprojector(geom: CTGeometry, dtype: torch.dtype,
                        device: torch.device) -> tuple[Tensor, Tensor]:
-    key = (geom, dtype, str(device))
-    with _BP_LOCK:
-        if key in _BP_CACHE:
-            _BP_CACHE.move_to_end(key)
-            return _BP_CACHE[key]
-    build_device = device if device.type == "cuda" else torch.device("cpu")
-    crow, col, val = _fbp_backprojector_rows(geom, build_device)
     n_rays = geom.n_angles * geom.det_count
     n_pix = geom.image_size[0] * geom.image_size[1]
-    mat = _csr(crow, col, val, (n_pix, n_rays), dtype).to(device)
-    mat_t = _csr(*_transpose_csr(crow, col, val, n_rays), (n_rays, n_pix), dtype).to(device)
-    with _BP_LOCK:
-        _BP_CACHE[key] = (mat, mat_t)
-        while len(_BP_CACHE) > 4:
-            _BP_CACHE.popitem(last=False)
-    return mat, mat_t
+    return cached_sparse_pair("fbp", geom, _fbp_backprojector_rows, (n_pix, n_rays), dtype, device)
 
 
 def _backproject(q: Tensor, op: _Projector2D, scale: float) -> Tensor:

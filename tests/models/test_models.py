@@ -216,4 +216,4 @@ def test_model_config_rejects_unknown_keys() -> None:
 def test_dncnn_depth_validation() -> None:
     with pytest.raises(ValueError, match="'depth'"):
         DnCNN(depth=1)
-    assert math.isfinite(float(DnCNN(depth=2)(torch.zeros(1, 2, 8, 8)).sum()))
+    assert math.isfinite(float(DnCNN(depth=2)(torch.zeros(1, 2, 8, 8)).detach().sum()))
