@@ -1,0 +1,1 @@
+"""fedrecon.runners: the embedded simulation runner (and, later, Flower)."""
