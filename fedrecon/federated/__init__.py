@@ -18,5 +18,18 @@ from .store import DiskStore, LocalStore, MemoryStore, atomic_torch_save
 from .strategy import FedAvg, ServerState, Strategy, apply_updates
 
 # --- strategies (owned by the strategies work) ---
+from .strategies import (
+    STRATEGIES,
+    Ditto,
+    FedBN,
+    FedProx,
+    FedRep,
+    PartialSharing,
+    make_strategy,
+    strategy_kwargs,
+)
+from .strategies_adaptive import FedAdam, FedOpt, FedYogi
+from .strategies_hypernetwork import Hypernetwork, SiteHypernetwork, global_names_with_roles
+from .strategies_personalized import LocalOnly, SimilarityWeighted, similarity_weights
 
 __all__ = [name for name in dir() if not name.startswith("_")]

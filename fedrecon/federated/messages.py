@@ -44,6 +44,9 @@ class TrainingPlan:
         FedRep: steps on the LOCAL parameters only (GLOBAL frozen) before ``local_steps``.
     train_global
         ``False`` freezes the GLOBAL parameters during ``local_steps`` (e.g. local-only heads).
+    train_local
+        ``False`` freezes the LOCAL parameters during ``local_steps`` (FedRep's second phase
+        updates only the shared representation).
     send
         ``"weights"`` (the new GLOBAL tensors) or ``"delta"`` (new minus received).
     """
@@ -54,11 +57,14 @@ class TrainingPlan:
     personal_lambda: float | None = None
     local_first_steps: int = 0
     train_global: bool = True
+    train_local: bool = True
     send: str = "weights"
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or self.local_first_steps < 0:
             raise ValueError("TrainingPlan: 'local_steps' and 'local_first_steps' must be >= 0")
+        if not (self.train_global or self.train_local) and self.local_steps:
+            raise ValueError("TrainingPlan: 'local_steps' > 0 with nothing trainable")
         if self.send not in ("weights", "delta"):
             raise ValueError(f"TrainingPlan: 'send' must be 'weights' or 'delta'; got {self.send!r}")
         if self.prox_mu < 0 or (self.personal_lambda is not None and self.personal_lambda < 0):

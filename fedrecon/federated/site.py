@@ -148,7 +148,8 @@ class Site:
             metrics["local_first_loss"] = res.mean_loss
         if plan.local_steps:
             reg = _proximal(model, global_names, start, plan.prox_mu) if plan.prox_mu > 0 else None
-            trainable = (lambda n: True) if plan.train_global else (lambda n: n in local_names)
+            def trainable(n: str) -> bool:
+                return plan.train_global if n in global_names else plan.train_local
             res = run(plan.local_steps, trainable, reg)
             metrics.update(loss=res.mean_loss, last_loss=res.last_loss, train_seconds=res.seconds)
         if plan.personal_lambda is not None:
