@@ -549,13 +549,15 @@ def _synthetic_ct_volumes(spec: SiteSpec, out_dir: Path, site_seed: int) -> list
     return paths
 
 
-def _make_dataset(spec: SiteSpec, files: list[Path], site_seed: int) -> Any:
+def _make_dataset(spec: SiteSpec, files: list[Path], site_seed: int,
+                  coil_maps: str | None = None) -> Any:
     acq = spec.acquisition
     if spec.modality == "mri":
         from .fastmri import FastMRISliceDataset
 
+        maps = coil_maps if spec.data.challenge == "multicoil" else None
         return FastMRISliceDataset(files, challenge=spec.data.challenge,
-                                   mask=acq.mask_function(seed=site_seed),
+                                   mask=acq.mask_function(seed=site_seed), coil_maps=maps,
                                    protocol=acq.protocol_vector(), seed=site_seed)
     from .ct import CTSliceDataset
 
@@ -578,7 +580,8 @@ def check_volume_disjoint(sites: Mapping[str, SiteData]) -> None:
 
 
 def simulate_sites(specs: Sequence[SiteSpec], seed: int, *,
-                   root: str | Path | None = None) -> dict[str, SiteData]:
+                   root: str | Path | None = None,
+                   coil_maps: str | None = None) -> dict[str, SiteData]:
     """Datasets for each site, split by volume.
 
     Parameters
@@ -591,6 +594,9 @@ def simulate_sites(specs: Sequence[SiteSpec], seed: int, *,
     root : str or Path, optional
         Folder for synthetic volumes (``root/<site name>/``); a new temporary folder when
         omitted and a site is synthetic.
+    coil_maps : {None, "espirit"}
+        Multicoil MRI: estimate ESPIRiT coil maps from each volume's ACS lines (cached in a
+        sidecar next to the volumes), as SENSE-based networks need them.
 
     Returns
     -------
@@ -611,7 +617,7 @@ def simulate_sites(specs: Sequence[SiteSpec], seed: int, *,
         bounds = np.cumsum([0, *counts])
         split_files = {name: tuple(files[j] for j in order[bounds[k]:bounds[k + 1]])
                        for k, name in enumerate(SPLITS)}
-        datasets = {name: _make_dataset(spec, list(fs), site_seed) if fs else None
+        datasets = {name: _make_dataset(spec, list(fs), site_seed, coil_maps) if fs else None
                     for name, fs in split_files.items()}
         sites[spec.name] = SiteData(spec, datasets["train"], datasets["val"], datasets["test"],
                                     split_files, spec.acquisition.protocol_vector())

@@ -217,3 +217,18 @@ def test_dncnn_depth_validation() -> None:
     with pytest.raises(ValueError, match="'depth'"):
         DnCNN(depth=1)
     assert math.isfinite(float(DnCNN(depth=2)(torch.zeros(1, 2, 8, 8)).detach().sum()))
+
+
+def test_image_prior_is_equivariant_to_a_global_phase() -> None:
+    """``align_phase``: prior(e^{i phi} x) = e^{i phi} prior(x) (the receiver phase is arbitrary)."""
+    from fedrecon.models.priors import ImagePrior, UNet
+
+    torch.manual_seed(0)
+    net = UNet(2, 2, chans=4, num_pools=1)
+    torch.nn.init.normal_(net.out.weight, std=0.1)  # not the identity
+    x = torch.randn(3, 16, 16, dtype=torch.complex64) + 0.5
+    rot = torch.exp(1j * torch.tensor([0.3, 2.0, -2.5]))[:, None, None].to(torch.complex64)
+    aligned = ImagePrior(net).eval()
+    torch.testing.assert_close(aligned(x * rot), aligned(x) * rot, rtol=1e-4, atol=1e-5)
+    plain = ImagePrior(net, align_phase=False).eval()
+    assert not torch.allclose(plain(x * rot), plain(x) * rot, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,433 @@
+"""In-process federated simulation: every site in one process, seeded, checkpointed per round.
+
+A round: sample ``max(min_sites, ceil(fraction * n))`` sites with the runner's RNG, drop each
+sampled site with probability ``drop_prob`` (a dropped site receives its instructions but
+never answers, and does no work), let the others ``fit``, gate every received
+:class:`~fedrecon.federated.SiteUpdate` with :func:`~fedrecon.federated.check_update`, and
+``strategy.aggregate(round, updates, missing=dropped)``. Every ``eval_every`` rounds (and
+after the last) each site is evaluated with ``strategy.state.for_site(site_id)``.
+
+Files in ``run_dir``:
+
+- ``sites/``: the sites' LOCAL state, round-versioned (:class:`.checkpoint.RoundStore`);
+  the runner installs this store on every site, so a site holds no model between rounds
+  and 100+ virtual sites cost one model at a time.
+- ``checkpoint.pt``: written atomically after every round (and before round 0): committed
+  rounds, ``strategy.state_dict()``, runner RNG, Python/NumPy/torch RNG states, the states
+  of the loaders' own ``torch.Generator`` s, the run's config and the length of
+  ``metrics.jsonl`` at commit time.
+- ``metrics.jsonl``: one record per site per round (see :data:`RECORD_FIELDS`), appended,
+  flushed and fsynced before the checkpoint. :meth:`SimulationRunner.resume` truncates it
+  to the committed length, so a redone round is never recorded twice.
+- ``config.json``: the runner's settings, for people.
+
+Resume guarantee: a run killed at any point (even mid-write) and resumed with sites and a
+strategy rebuilt from the same config ends with the same server state and the same
+metrics (up to timing fields) as an uninterrupted run. This holds when site randomness
+comes from :func:`~fedrecon.federated.site_seed` (``Site.fit`` reseeds every round) and from
+the loaders' ``generator`` s or the global torch RNG, which the checkpoint carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedrecon.federated import (
+    ServerState,
+    Site,
+    SiteUpdate,
+    Strategy,
+    check_update,
+    site_seed,
+    state_nbytes,
+)
+from fedrecon.federated.store import atomic_torch_save
+from fedrecon.models import Scope
+from fedrecon.train import seed_everything
+
+from .checkpoint import CHECKPOINT_FORMAT, RoundStore, capture_rng, loader_generators, restore_rng
+
+__all__ = [
+    "RECORD_FIELDS",
+    "Evaluator",
+    "RoundFailed",
+    "RunnerConfig",
+    "SimulationRunner",
+    "read_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+#: The keys of every ``metrics.jsonl`` record (values ``null`` where they do not apply).
+RECORD_FIELDS = (
+    "round",           # int, 0-based
+    "site",            # site id
+    "strategy",        # strategy.name
+    "sampled",         # bool: the server sent instructions this round
+    "participated",    # bool: the site trained and its update was aggregated
+    "dropped",         # bool: sampled but did not answer (simulated straggler)
+    "num_examples",    # int or null: the update's example count
+    "loss",            # float or null: mean training loss of the round's local steps
+    "psnr", "ssim", "nmse",  # float or null: evaluation on eval_split (null: not evaluated)
+    "eval_split",      # "val"/"test" or null
+    "bytes_sent",      # int: serialized tensor bytes of the site's update (0 if none)
+    "bytes_received",  # int: tensor bytes of the instructions' global_state (0 if not sampled)
+    "fit_seconds", "eval_seconds",  # float or null: wall time of fit / evaluate
+    "time",            # float: Unix time the record was written
+)
+
+#: ``(server state, split) -> metrics`` for one site; the default calls ``Site.evaluate``.
+Evaluator = Callable[[ServerState, str], Mapping[str, float]]
+
+
+class RoundFailed(RuntimeError):
+    """Fewer than ``min_sites`` sampled sites answered in every try of a round."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """The settings stored in the checkpoint; a resumed run uses these."""
+
+    rounds: int
+    seed: int = 0
+    fraction: float = 1.0
+    min_sites: int = 1
+    drop_prob: float = 0.0
+    eval_every: int = 1
+    eval_split: str = "val"
+    retries: int = 0
+
+    def validate(self, n_sites: int) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"argument 'rounds' must be >= 0; got {self.rounds}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"argument 'fraction' must lie in (0, 1]; got {self.fraction}")
+        if not 1 <= self.min_sites <= n_sites:
+            raise ValueError(f"argument 'min_sites' must lie in [1, {n_sites}] (the number of "
+                             f"sites); got {self.min_sites}")
+        if not 0 <= self.drop_prob < 1:
+            raise ValueError(f"argument 'drop_prob' must lie in [0, 1); got {self.drop_prob}")
+        if self.eval_every < 1:
+            raise ValueError(f"argument 'eval_every' must be >= 1; got {self.eval_every}")
+        if self.retries < 0:
+            raise ValueError(f"argument 'retries' must be >= 0; got {self.retries}")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: floats that are not finite become ``null``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class SimulationRunner:
+    """Run a federation of in-process sites under one strategy.
+
+    Parameters
+    ----------
+    sites
+        The sites (unique ids). The runner replaces each site's ``store`` with its
+        round-versioned store under ``run_dir/sites`` (LOCAL state a site already had is
+        imported as its starting state).
+    strategy
+        Any :class:`~fedrecon.federated.Strategy`; initialized here unless it already has a
+        state. Sites must use the strategy's partition.
+    rounds
+        Rounds of the run (numbered ``0 .. rounds - 1``).
+    run_dir
+        Output folder; a fresh run refuses a folder that holds a checkpoint (use
+        :meth:`resume`).
+    seed
+        Seeds the initial model, site sampling and dropouts.
+    fraction, min_sites
+        ``max(min_sites, ceil(fraction * n))`` sites are sampled per round.
+    drop_prob
+        Probability that a sampled site does not answer (seeded).
+    retries
+        When fewer than ``min_sites`` answer, sample again (new draw of the seeded RNG) up to
+        this many times, then raise :class:`RoundFailed`. The last checkpoint stays intact.
+    eval_every, eval_split
+        Evaluate every site every ``eval_every`` rounds and after the last round.
+    progress
+        tqdm bars over rounds and over the sites of a round.
+    on_update
+        Called with every :class:`SiteUpdate` as received, before the server-side check
+        (an audit hook; it must not modify the update).
+    evaluators
+        ``site id -> Evaluator``, replacing the default ``Site.evaluate`` (the centralized
+        baseline evaluates its pooled model on each site's data this way). Ids that are not
+        training sites get records of their own.
+    """
+
+    def __init__(self, sites: Sequence[Site], strategy: Strategy, *, rounds: int,
+                 run_dir: str | os.PathLike, seed: int = 0, fraction: float = 1.0,
+                 min_sites: int = 1, drop_prob: float = 0.0, eval_every: int = 1,
+                 eval_split: str = "val", retries: int = 0, progress: bool = True,
+                 on_update: Callable[[SiteUpdate], None] | None = None,
+                 evaluators: Mapping[str, Evaluator] | None = None) -> None:
+        if not sites:
+            raise ValueError("argument 'sites' is empty")
+        ids = [s.site_id for s in sites]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"site ids must be unique; got duplicates in {ids}")
+        self.config = RunnerConfig(rounds, seed, fraction, min_sites, drop_prob, eval_every,
+                                   eval_split, retries)
+        self.config.validate(len(sites))
+        for s in sites:
+            if s.partition != strategy.partition:
+                raise ValueError(f"site '{s.site_id}' uses partition {s.partition} but the "
+                                 f"strategy uses {strategy.partition}; they must match")
+        self.sites: dict[str, Site] = {s.site_id: s for s in sites}
+        self.strategy = strategy
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.on_update = on_update
+        self.store = RoundStore(self.run_dir / "sites")
+        self.evaluators: dict[str, Evaluator] = dict(evaluators) if evaluators is not None else {
+            sid: self._site_evaluator(site) for sid, site in self.sites.items()}
+        self.completed_rounds = 0
+        self._rng = np.random.default_rng(seed)
+        self._started = False
+        self._metrics_path = self.run_dir / "metrics.jsonl"
+        self._ckpt_path = self.run_dir / "checkpoint.pt"
+        reference = sites[0].model_factory()
+        self._global_names = strategy.partition.names(reference, Scope.GLOBAL)
+        own = reference.state_dict()
+        self._global_shapes = {k: own[k].shape for k in self._global_names}
+        del reference, own
+
+    # -- public -----------------------------------------------------------------------------
+    @property
+    def n_sampled(self) -> int:
+        n = len(self.sites)
+        return min(n, max(self.config.min_sites, math.ceil(self.config.fraction * n)))
+
+    def run(self, until_round: int | None = None) -> ServerState:
+        """Run until ``until_round`` rounds are complete (default: all ``rounds``); returns
+        the server state. May be called again to continue."""
+        end = self.config.rounds if until_round is None else int(until_round)
+        if not 0 <= end <= self.config.rounds:
+            raise ValueError(f"argument 'until_round' must lie in [0, {self.config.rounds}]; "
+                             f"got {until_round}")
+        if not self._started:
+            self._start_fresh()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(self.completed_rounds, end), desc="rounds", disable=not self.progress,
+                   initial=self.completed_rounds, total=end, position=0)
+        for r in bar:
+            self._run_round(r)
+        bar.close()
+        return self.strategy._require_state()
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike, sites: Sequence[Site], strategy: Strategy, *,
+               rounds: int | None = None, progress: bool = True,
+               on_update: Callable[[SiteUpdate], None] | None = None,
+               evaluators: Mapping[str, Evaluator] | None = None) -> SimulationRunner:
+        """Continue the run in ``run_dir`` from its last checkpoint.
+
+        ``sites`` and ``strategy`` are rebuilt by the caller from the run's config; their
+        state comes from the checkpoint. ``rounds`` may extend the run. Uncommitted LOCAL
+        state versions are deleted and ``metrics.jsonl`` is cut to the committed records.
+        """
+        run_dir = Path(run_dir)
+        path = run_dir / "checkpoint.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: checkpoint format {ckpt.get('format')!r}; this runner "
+                             f"reads format {CHECKPOINT_FORMAT}")
+        ids = [s.site_id for s in sites]
+        if ids != ckpt["site_ids"]:
+            raise ValueError(f"{path}: the run has sites {ckpt['site_ids']}; got {ids}")
+        if strategy.name != ckpt["strategy_name"]:
+            raise ValueError(f"{path}: the run used strategy '{ckpt['strategy_name']}'; got "
+                             f"'{strategy.name}'")
+        config = RunnerConfig(**ckpt["config"])
+        if rounds is not None:
+            config = dataclasses.replace(config, rounds=rounds)
+        kw = dataclasses.asdict(config)
+        runner = cls(sites, strategy, run_dir=run_dir, progress=progress, on_update=on_update,
+                     evaluators=evaluators, **kw)
+        runner._restore(ckpt)
+        return runner
+
+    # -- setup ------------------------------------------------------------------------------
+    def _site_evaluator(self, site: Site) -> Evaluator:
+        return lambda state, split: site.evaluate(state.for_site(site.site_id), split=split)
+
+    def _install_store(self, import_existing: bool) -> None:
+        for sid, site in self.sites.items():
+            old = site.store
+            if old is self.store:
+                continue
+            if import_existing and not isinstance(old, RoundStore):
+                existing = old.get(sid)
+                if existing is not None:
+                    self.store.put_initial(sid, existing)
+            site.store = self.store
+
+    def _start_fresh(self) -> None:
+        if self._ckpt_path.exists():
+            raise FileExistsError(f"{self._ckpt_path} exists: resume the run with "
+                                  f"SimulationRunner.resume(...) or use another run_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.store.rollback(0)  # leftovers of a run killed before its first checkpoint
+        self._install_store(import_existing=True)
+        if self.strategy.state is None:
+            seed_everything(self.config.seed)
+            init = next(iter(self.sites.values())).initial_global_state()
+            protocols = {sid: s.protocol for sid, s in self.sites.items() if s.protocol is not None}
+            self.strategy.initialize(init, list(self.sites), protocols)
+        with open(self._metrics_path, "w", encoding="utf-8"):
+            pass
+        (self.run_dir / "config.json").write_text(json.dumps(
+            {**dataclasses.asdict(self.config), "strategy": self.strategy.name,
+             "sites": list(self.sites)}, indent=2) + "\n", encoding="utf-8")
+        self._started = True
+        self._commit(0)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(ckpt["strategy"])
+        self.completed_rounds = int(ckpt["completed_rounds"])
+        self._rng.bit_generator.state = ckpt["runner_rng"]
+        restore_rng(ckpt["rng"])
+        for sid, states in ckpt["loader_rng"].items():
+            if sid in self.sites:
+                for gen, state in zip(loader_generators(self.sites[sid].train_loader), states):
+                    gen.set_state(state)
+        removed = self.store.rollback(self.completed_rounds)
+        self._install_store(import_existing=False)
+        with open(self._metrics_path, "r+b") as f:
+            f.truncate(int(ckpt["metrics_bytes"]))
+        self._started = True
+        log.info("resumed %s after round %d (%d uncommitted local-state files dropped)",
+                 self.run_dir, self.completed_rounds - 1, removed)
+
+    # -- one round --------------------------------------------------------------------------
+    def _sample(self, round: int) -> tuple[list[str], list[str]]:
+        ids = list(self.sites)
+        for attempt in range(self.config.retries + 1):
+            picked = np.sort(self._rng.choice(len(ids), size=self.n_sampled, replace=False))
+            sampled = [ids[i] for i in picked]
+            drops = self._rng.random(len(sampled)) < self.config.drop_prob
+            dropped = [s for s, d in zip(sampled, drops) if d]
+            if len(sampled) - len(dropped) >= self.config.min_sites:
+                return sampled, dropped
+            log.warning("round %d try %d: %d of %d sampled sites answered (< min_sites=%d)",
+                        round, attempt, len(sampled) - len(dropped), len(sampled),
+                        self.config.min_sites)
+        raise RoundFailed(
+            f"round {round}: fewer than min_sites={self.config.min_sites} of the "
+            f"{len(sampled)} sampled sites answered in {self.config.retries + 1} tries "
+            f"(drop_prob={self.config.drop_prob}); the checkpoint of round {round - 1} in "
+            f"{self.run_dir} is intact. Raise 'retries' or lower 'drop_prob'/'min_sites'.")
+
+    def _run_round(self, r: int) -> None:
+        from tqdm.auto import tqdm
+
+        t_round = time.perf_counter()
+        self.store.set_round(r)
+        sampled, dropped = self._sample(r)
+        answering = [s for s in sampled if s not in set(dropped)]
+        instructions = self.strategy.configure(r, sampled)
+        rows: dict[str, dict[str, Any]] = {}
+        for sid in list(self.sites) + [e for e in self.evaluators if e not in self.sites]:
+            received = state_nbytes(instructions[sid].global_state) if sid in instructions else 0
+            rows[sid] = {k: None for k in RECORD_FIELDS} | {
+                "round": r, "site": sid, "strategy": self.strategy.name,
+                "sampled": sid in instructions, "participated": False,
+                "dropped": sid in dropped, "bytes_sent": 0, "bytes_received": received}
+        updates: list[SiteUpdate] = []
+        for sid in tqdm(answering, desc=f"round {r} fit", leave=False, disable=not self.progress,
+                        position=1):
+            t0 = time.perf_counter()
+            update = self.sites[sid].fit(instructions[sid])
+            fit_s = time.perf_counter() - t0
+            if self.on_update is not None:
+                self.on_update(update)
+            if update.site_id != sid or update.round != r:
+                raise ValueError(f"round {r}: site '{sid}' answered with an update for site "
+                                 f"'{update.site_id}', round {update.round}")
+            check_update(update, self._global_names, self._global_shapes)
+            updates.append(update)
+            rows[sid].update(participated=True, num_examples=update.num_examples,
+                             loss=update.metrics.get("loss"), bytes_sent=update.nbytes,
+                             fit_seconds=fit_s)
+        state = self.strategy.aggregate(r, updates, missing=dropped)
+        del updates, instructions
+        if (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds:
+            split = self.config.eval_split
+            for sid, evaluate in tqdm(self.evaluators.items(), desc=f"round {r} eval",
+                                      leave=False, disable=not self.progress, position=1):
+                seed_everything(site_seed(self.config.seed, f"eval/{sid}", r))
+                t0 = time.perf_counter()
+                m = evaluate(state, split)
+                rows[sid].update(psnr=float(m["psnr"]), ssim=float(m["ssim"]),
+                                 nmse=float(m["nmse"]), eval_split=split,
+                                 eval_seconds=time.perf_counter() - t0)
+        self._write_records(rows.values())
+        self._commit(r + 1)
+        self._log_round(r, rows, len(sampled), len(dropped), time.perf_counter() - t_round)
+
+    def _write_records(self, rows: Any) -> None:
+        now = time.time()
+        lines = "".join(json.dumps({k: _clean(v) for k, v in row.items()} | {"time": now}) + "\n"
+                        for row in rows)
+        with open(self._metrics_path, "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _commit(self, completed: int) -> None:
+        """Atomically write the checkpoint of ``completed`` rounds; then drop old versions."""
+        loader_rng = {sid: [g.get_state() for g in loader_generators(s.train_loader)]
+                      for sid, s in self.sites.items()}
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "completed_rounds": completed,
+            "strategy_name": self.strategy.name,
+            "strategy": self.strategy.state_dict(),
+            "site_ids": list(self.sites),
+            "config": dataclasses.asdict(self.config),
+            "runner_rng": self._rng.bit_generator.state,
+            "rng": capture_rng(),
+            "loader_rng": {k: v for k, v in loader_rng.items() if v},
+            "metrics_bytes": self._metrics_path.stat().st_size,
+        }
+        atomic_torch_save(ckpt, self._ckpt_path)
+        self.completed_rounds = completed
+        self.store.prune(completed)
+
+    def _log_round(self, r: int, rows: Mapping[str, dict[str, Any]], n_sampled: int,
+                   n_dropped: int, seconds: float) -> None:
+        def mean(key: str) -> float:
+            vals = [row[key] for row in rows.values() if row[key] is not None]
+            return float(np.mean(vals)) if vals else float("nan")
+
+        up = sum(row["bytes_sent"] for row in rows.values())
+        down = sum(row["bytes_received"] for row in rows.values())
+        log.info("round %d/%d: %d/%d sites answered (%d dropped) | loss %.4g | psnr %.2f dB "
+                 "ssim %.4f | %.2f MB up %.2f MB down | %.1f s", r + 1, self.config.rounds,
+                 n_sampled - n_dropped, n_sampled, n_dropped, mean("loss"), mean("psnr"),
+                 mean("ssim"), up / 1e6, down / 1e6, seconds)
