@@ -28,20 +28,10 @@ from .mri_transforms import (
 )
 # --- synthetic + sites (owned by the sites work) ---
 from .anatomy import BrainSlices, load_brain_slices, resolve_anatomy_source
-from .sites import (
-    ConfigError,
-    DataSource,
-    MRIAcquisition,
-    SiteData,
-    SiteSpec,
-    acquisition_per_site,
-    check_volume_disjoint,
-    dataset_per_site,
-    dump_site_specs,
-    leave_one_site_out,
-    load_site_specs,
-    simulate_sites,
-)
+from .config import ConfigError
+from .recipes import acquisition_per_site, dataset_per_site, leave_one_site_out
+from .site_simulation import SiteData, check_volume_disjoint, simulate_sites
+from .sites import DataSource, MRIAcquisition, SiteSpec, dump_site_specs, load_site_specs
 from .synthetic import make_synthetic_fastmri
 # --- CT (owned by the CT work) ---
 from .ct import (
