@@ -254,13 +254,12 @@ class _Projector2D(LinearOperator):
         return _system_matrices(self.geometry, dtype or self.real_dtype,
                                 torch.device(device) if device is not None else self.device)
 
-    def norm_bound(self) -> float:
-        """``||A||_2`` by power iteration, cached per geometry (1% margin)."""
+    def _compute_norm_bound(self) -> float:
+        """``||A||_2`` by power iteration, shared by every projector of the same geometry."""
         with _CACHE_LOCK:
             cached = _NORM_CACHE.get(self.geometry)
         if cached is None:
-            gen = torch.Generator(device=self.device).manual_seed(0)
-            cached = 1.01 * float(self.norm(n_iter=30, tol=1e-4, generator=gen))
+            cached = super()._compute_norm_bound()
             with _CACHE_LOCK:
                 _NORM_CACHE[self.geometry] = cached
         return cached
@@ -294,10 +293,26 @@ class _Projector2D(LinearOperator):
         return s
 
 
-def _default_angles(n_angles: int, full: float) -> Tensor:
-    if n_angles < 1:
+def _common_geometry(image_size: int | Sequence[int], angles: Sequence[float] | Tensor | None,
+                     n_angles: int, full_scan: float, pixel_spacing: float,
+                     det_spacing: float) -> tuple[int, int, Tensor, float, float]:
+    """Validated ``(H, W, angles, pixel_spacing, det_spacing)`` shared by both geometries;
+    ``n_angles`` equispaced angles over ``[0, full_scan)`` when ``angles`` is None."""
+    h, w = as_image_size("image_size", image_size)
+    if angles is not None:
+        ang = _as_float_tensor("angles", angles)
+    elif n_angles < 1:
         raise ValueError(f"argument 'n_angles' must be >= 1; got {n_angles}")
-    return torch.arange(n_angles, dtype=torch.float64) * (full / n_angles)
+    else:
+        ang = torch.arange(n_angles, dtype=torch.float64) * (full_scan / n_angles)
+    return (h, w, ang, check_positive("pixel_spacing", pixel_spacing),
+            check_positive("det_spacing", det_spacing))
+
+
+def _check_det_count(det_count: int) -> int:
+    if int(det_count) < 1:
+        raise ValueError(f"argument 'det_count' must be >= 1; got {det_count}")
+    return int(det_count)
 
 
 class ParallelBeam2D(_Projector2D):
@@ -321,16 +336,12 @@ class ParallelBeam2D(_Projector2D):
     def __init__(self, image_size: int | Sequence[int], angles: Sequence[float] | Tensor | None = None,
                  det_count: int | None = None, det_spacing: float = 1.0, *,
                  n_angles: int = 180, pixel_spacing: float = 1.0, det_offset: float = 0.0) -> None:
-        h, w = as_image_size("image_size", image_size)
-        ang = _as_float_tensor("angles", angles) if angles is not None else _default_angles(n_angles, math.pi)
-        ps = check_positive("pixel_spacing", pixel_spacing)
-        ds = check_positive("det_spacing", det_spacing)
+        h, w, ang, ps, ds = _common_geometry(image_size, angles, n_angles, math.pi,
+                                             pixel_spacing, det_spacing)
         if det_count is None:
             det_count = math.ceil(math.hypot(h, w) * ps / ds) + 1
-        if int(det_count) < 1:
-            raise ValueError(f"argument 'det_count' must be >= 1; got {det_count}")
-        super().__init__(CTGeometry("parallel", (h, w), tuple(ang.tolist()), int(det_count), ds,
-                                    float(det_offset), ps))
+        super().__init__(CTGeometry("parallel", (h, w), tuple(ang.tolist()),
+                                    _check_det_count(det_count), ds, float(det_offset), ps))
 
 
 class FanBeam2D(_Projector2D):
@@ -353,10 +364,8 @@ class FanBeam2D(_Projector2D):
                  det_count: int | None = None, det_spacing: float = 1.0, *,
                  source_distance: float, detector_distance: float, n_angles: int = 360,
                  pixel_spacing: float = 1.0, det_offset: float = 0.0) -> None:
-        h, w = as_image_size("image_size", image_size)
-        ang = _as_float_tensor("angles", angles) if angles is not None else _default_angles(n_angles, 2 * math.pi)
-        ps = check_positive("pixel_spacing", pixel_spacing)
-        ds = check_positive("det_spacing", det_spacing)
+        h, w, ang, ps, ds = _common_geometry(image_size, angles, n_angles, 2 * math.pi,
+                                             pixel_spacing, det_spacing)
         dso = check_positive("source_distance", source_distance)
         dod = float(detector_distance)
         if not math.isfinite(dod) or dod < 0:
@@ -370,10 +379,8 @@ class FanBeam2D(_Projector2D):
         if det_count is None:
             half = radius * (dso + dod) / math.sqrt(dso**2 - radius**2)
             det_count = math.ceil(2 * half / ds) + 1
-        if int(det_count) < 1:
-            raise ValueError(f"argument 'det_count' must be >= 1; got {det_count}")
-        super().__init__(CTGeometry("fan", (h, w), tuple(ang.tolist()), int(det_count), ds,
-                                    float(det_offset), ps, dso, dod))
+        super().__init__(CTGeometry("fan", (h, w), tuple(ang.tolist()), _check_det_count(det_count),
+                                    ds, float(det_offset), ps, dso, dod))
 
     @property
     def magnification(self) -> float:

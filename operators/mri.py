@@ -292,7 +292,7 @@ class MultiCoilMRI(_CartesianMRI):
         z = self._adj_fft(self._apply_mask(k, self._kmask(x.dtype, x.device, square=True)))
         return self._finish_image(_coil_combine(maps, z))
 
-    def norm_bound(self) -> float:
+    def _compute_norm_bound(self) -> float:
         """``max|M| * max_pixel sqrt(sum_c |S_c|^2)`` >= ``||A||_2`` (exact for RSS-normalized maps
         and a mask that samples some column fully)."""
         sens = float(self.coil_maps.abs().square().sum(dim=-3).max().sqrt())
@@ -347,7 +347,7 @@ class SingleCoilMRI(_CartesianMRI):
         y = y.to(_compute_dtype(y))
         return self._finish_image(self._adj_fft(y * self._kmask(y.dtype, y.device)))
 
-    def norm_bound(self) -> float:
+    def _compute_norm_bound(self) -> float:
         """``max|M|``: the centred orthonormal FFT has norm one."""
         return float(self.mask.abs().max())
 

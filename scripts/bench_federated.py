@@ -61,7 +61,7 @@ def site_specs(modality: str, image_size: int, n_volumes: int, n_slices: int):
     return specs
 
 
-def build_sites(site_data, modality: str, strategy_name: str, args, partition):
+def build_sites(site_data, modality: str, args, partition):
     from fedrecon.datasets import collate_ct_samples, collate_mri_samples
     from fedrecon.federated import Site
     from fedrecon.models import ModelConfig, build_model
@@ -72,8 +72,11 @@ def build_sites(site_data, modality: str, strategy_name: str, args, partition):
                       cond_dim=cond_dim)
 
     def factory():
-        torch.manual_seed(1234)  # every site and strategy starts from the same weights
-        return build_model(cfg, complex_images=modality == "mri")
+        # every site and strategy starts from the same weights, without resetting the
+        # global RNG that Site.fit seeds per site and round
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            return build_model(cfg, complex_images=modality == "mri")
 
     sites = []
     for name, sd in site_data.items():
@@ -108,7 +111,7 @@ def run_strategy(name: str, site_data, modality: str, args, run_dir: Path) -> di
         partition = Partition.default()
         extra = {"fedprox": {"mu": args.prox_mu}, "ditto": {"personal_lambda": args.ditto_lambda}}
         strategy = make_strategy(name, partition=partition, **common, **extra.get(name, {}))
-    sites = build_sites(site_data, modality, name, args, partition)
+    sites = build_sites(site_data, modality, args, partition)
     runner_kw = dict(seed=args.seed_base, eval_every=args.rounds, eval_split="test",
                      progress=not args.quiet)
     if name == "centralized":

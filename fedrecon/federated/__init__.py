@@ -15,7 +15,7 @@ from .messages import (
 )
 from .site import Site, site_seed
 from .store import DiskStore, LocalStore, MemoryStore, atomic_torch_save
-from .strategy import FedAvg, ServerState, Strategy, apply_updates
+from .strategy import FedAvg, ServerState, Strategy, apply_updates, example_weights
 
 # --- strategies (owned by the strategies work) ---
 from .strategies import (

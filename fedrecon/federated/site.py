@@ -93,12 +93,14 @@ class Site:
         return self.store.get(self.site_id) or {}
 
     def build_model(self, global_state: Mapping[str, Tensor] | None = None,
-                    personal: bool = False) -> nn.Module:
+                    personal: bool = False,
+                    private: Mapping[str, Any] | None = None) -> nn.Module:
         """A model with this site's LOCAL state (and ``global_state`` over it, if given).
 
         ``personal=True`` returns the site's personal model (Ditto) when it has one.
+        ``private`` is the site's stored state when the caller has already read it.
         """
-        private = self._private()
+        private = self._private() if private is None else private
         model = self.model_factory().to(self.device)
         if personal and "personal" in private:
             model.load_state_dict(private["personal"])
@@ -123,7 +125,7 @@ class Site:
         plan = instructions.plan
         seed_everything(site_seed(self.seed, self.site_id, instructions.round))
         private = self._private()
-        model = self.build_model(instructions.global_state)
+        model = self.build_model(instructions.global_state, private=private)
         start = {k: v.detach().clone() for k, v in instructions.global_state.items()}
         global_names = set(self.partition.names(model, Scope.GLOBAL))
         params = dict(model.named_parameters())
@@ -179,7 +181,9 @@ class Site:
         loader = {"val": self.val_loader, "test": self.test_loader, "train": self.train_loader}.get(split)
         if loader is None:
             raise ValueError(f"site '{self.site_id}' has no '{split}' data")
-        has_personal = "personal" in self._private()
+        private = self._private()
+        has_personal = "personal" in private
         use_personal = has_personal if personal is None else (personal and has_personal)
-        model = self.build_model(None if use_personal else global_state, personal=use_personal)
+        model = self.build_model(None if use_personal else global_state, personal=use_personal,
+                                 private=private)
         return evaluate_model(model, loader, op_factory=self.op_factory, device=self.device)

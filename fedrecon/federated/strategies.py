@@ -10,6 +10,8 @@ decides which tensors a site sends.
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import inspect
 from collections.abc import Iterable
@@ -66,7 +68,7 @@ class FedProx(FedAvg):
         self.mu = mu
 
     def plan(self, round: int, site_id: str) -> TrainingPlan:
-        return TrainingPlan(local_steps=self.local_steps, lr=self.lr, prox_mu=self.mu)
+        return dataclasses.replace(super().plan(round, site_id), prox_mu=self.mu)
 
 
 class FedBN(FedAvg):
@@ -103,8 +105,8 @@ class Ditto(FedAvg):
         self.personal_lambda = personal_lambda
 
     def plan(self, round: int, site_id: str) -> TrainingPlan:
-        return TrainingPlan(local_steps=self.local_steps, lr=self.lr,
-                            personal_lambda=self.personal_lambda)
+        return dataclasses.replace(super().plan(round, site_id),
+                                   personal_lambda=self.personal_lambda)
 
 
 class FedRep(FedAvg):
@@ -126,8 +128,8 @@ class FedRep(FedAvg):
         self.local_first_steps = local_first_steps
 
     def plan(self, round: int, site_id: str) -> TrainingPlan:
-        return TrainingPlan(local_steps=self.local_steps, lr=self.lr,
-                            local_first_steps=self.local_first_steps, train_local=False)
+        return dataclasses.replace(super().plan(round, site_id),
+                                   local_first_steps=self.local_first_steps, train_local=False)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

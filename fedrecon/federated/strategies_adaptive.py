@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .messages import SiteUpdate, StateDict, weighted_average
-from .strategy import ServerState, Strategy
+from .strategy import ServerState, Strategy, example_weights
 
 __all__ = ["FedAdam", "FedOpt", "FedYogi"]
 
@@ -87,9 +87,7 @@ class FedOpt(Strategy):
         state = self._require_state()
         if not updates:
             return state
-        weights = [max(u.num_examples, 0) for u in updates]
-        if sum(weights) == 0:
-            weights = [1] * len(updates)
+        weights = example_weights(updates)
         new_weights = self._new_weights(updates)
         averaged = weighted_average(new_weights, weights)
         x = state.global_state

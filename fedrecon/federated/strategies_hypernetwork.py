@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fedrecon.models import Partition, Role, Scope, squash_protocol, state_roles
 
 from .messages import SiteUpdate, StateDict, weighted_average
-from .strategy import ServerState, Strategy
+from .strategy import ServerState, Strategy, example_weights
 
 __all__ = ["Hypernetwork", "SiteHypernetwork", "global_names_with_roles"]
 
@@ -215,9 +215,7 @@ class Hypernetwork(Strategy):
         if unknown:
             raise ValueError(f"hypernetwork: updates from sites it was not initialized with: {unknown[:5]}")
         assert self.hypernet is not None
-        weights = [float(max(u.num_examples, 0)) for u in updates]
-        if sum(weights) == 0:
-            weights = [1.0] * len(updates)
+        weights = example_weights(updates)
         total = sum(weights)
         new = self._new_weights(updates)
         params = self._parameters()

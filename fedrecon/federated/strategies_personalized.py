@@ -12,14 +12,9 @@ import torch
 from torch import Tensor
 
 from .messages import SiteUpdate, weighted_average
-from .strategy import ServerState, Strategy
+from .strategy import ServerState, Strategy, example_weights
 
 __all__ = ["LocalOnly", "SimilarityWeighted", "similarity_weights"]
-
-
-def _example_weights(updates: Sequence[SiteUpdate]) -> list[float]:
-    weights = [float(max(u.num_examples, 0)) for u in updates]
-    return weights if sum(weights) > 0 else [1.0] * len(updates)
 
 
 class LocalOnly(Strategy):
@@ -126,6 +121,6 @@ class SimilarityWeighted(Strategy):
             row = [float(x) for x in a[i]]
             personalized[site] = weighted_average(new, row)
             self.last_weights[site] = dict(zip(ids, row))
-        consensus = weighted_average(new, _example_weights(updates))
+        consensus = weighted_average(new, example_weights(updates))
         self.state = ServerState(consensus, personalized)
         return self.state

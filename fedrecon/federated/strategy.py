@@ -22,7 +22,7 @@ from fedrecon.models import Partition
 
 from .messages import SiteInstructions, SiteUpdate, StateDict, TrainingPlan, weighted_average
 
-__all__ = ["ServerState", "Strategy", "FedAvg", "apply_updates"]
+__all__ = ["ServerState", "Strategy", "FedAvg", "apply_updates", "example_weights"]
 
 
 @dataclass
@@ -34,6 +34,12 @@ class ServerState:
 
     def for_site(self, site_id: str) -> StateDict:
         return self.personalized.get(site_id, self.global_state)
+
+
+def example_weights(updates: Sequence[SiteUpdate]) -> list[float]:
+    """Aggregation weights: each update's example count (uniform when all counts are 0)."""
+    weights = [float(max(u.num_examples, 0)) for u in updates]
+    return weights if sum(weights) > 0 else [1.0] * len(updates)
 
 
 def apply_updates(start: Mapping[str, Tensor], update: SiteUpdate) -> StateDict:
@@ -133,10 +139,7 @@ class FedAvg(Strategy):
         state = self._require_state()
         if not updates:
             return state
-        weights = [max(u.num_examples, 0) for u in updates]
-        if sum(weights) == 0:
-            weights = [1] * len(updates)
-        new = weighted_average(self._new_weights(updates), weights)
+        new = weighted_average(self._new_weights(updates), example_weights(updates))
         self.state = ServerState(new, {})
         return self.state
 

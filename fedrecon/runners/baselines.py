@@ -1,10 +1,10 @@
 """The two reference points of every federated experiment, run by the same runner.
 
-- **local**: each site trains alone (:class:`LocalOnly`, a strategy that keeps every site's
-  GLOBAL tensors as that site's personalized state and never mixes them). The sites still
-  hand their tensors to the in-process server, which only files them away; the records'
-  ``bytes_sent``/``bytes_received`` are therefore nominal for this baseline (a real local
-  run would send nothing). Switch to the strategies module's ``local`` once it exists.
+- **local**: each site trains alone (:class:`~fedrecon.federated.LocalOnly`, a strategy
+  that keeps every site's GLOBAL tensors as that site's personalized state and never mixes
+  them). The sites still hand their tensors to the in-process server, which only files them
+  away; the records' ``bytes_sent``/``bytes_received`` are therefore nominal for this
+  baseline (a real local run would send nothing).
 - **centralized**: one model trained on all sites' training data pooled
   (:func:`centralized_runner`). Batches come from one site at a time, round-robin over the
   sites' loaders, because MRI/CT batches of different sites have different shapes and
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fedrecon.federated import FedAvg, ServerState, Site, SiteUpdate, Strategy, apply_updates
+from fedrecon.federated import FedAvg, LocalOnly, ServerState, Site
 from fedrecon.train import evaluate_model
 from fedrecon.train.batching import OpFactory, prepare_batch
 
@@ -29,25 +29,6 @@ from .simulation import Evaluator, SimulationRunner
 __all__ = ["POOLED_SITE_ID", "LocalOnly", "RoundRobinLoader", "centralized_runner"]
 
 POOLED_SITE_ID = "pooled"
-
-
-class LocalOnly(Strategy):
-    """Every site trains its own model from the common initialization; nothing is averaged.
-
-    ``state.personalized[site]`` is the site's own GLOBAL tensors (what ``configure`` sends
-    back to it and what it is evaluated with); ``state.global_state`` stays the initial one.
-    """
-
-    name = "local"
-
-    def aggregate(self, round: int, updates: Sequence[SiteUpdate],
-                  missing: Sequence[str] = ()) -> ServerState:
-        state = self._require_state()
-        personalized = dict(state.personalized)
-        for u in updates:
-            personalized[u.site_id] = apply_updates(state.for_site(u.site_id), u)
-        self.state = ServerState(state.global_state, personalized)
-        return self.state
 
 
 class RoundRobinLoader:
