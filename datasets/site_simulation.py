@@ -18,7 +18,8 @@ from .anatomy import FOV_MM
 from .config import ConfigError
 from .sites import SPLITS, SiteSpec, check_unique_names
 
-__all__ = ["SiteData", "brain_hu", "check_volume_disjoint", "simulate_sites"]
+__all__ = ["SPLITS", "SiteData", "brain_hu", "check_volume_disjoint", "make_site_dataset",
+           "simulate_sites", "site_seed"]
 
 # -- simulation ----------------------------------------------------------------------------
 @dataclass
@@ -37,7 +38,7 @@ class SiteData:
         return self.spec.name
 
 
-def _site_seed(seed: int, name: str) -> int:
+def site_seed(seed: int, name: str) -> int:
     """A per-site seed that does not change when other sites are added or reordered."""
     return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode())]).generate_state(1)[0])
 
@@ -120,8 +121,9 @@ def _synthetic_ct_volumes(spec: SiteSpec, out_dir: Path, site_seed: int) -> list
     return paths
 
 
-def _make_dataset(spec: SiteSpec, files: list[Path], site_seed: int,
-                  coil_maps: str | None = None) -> Any:
+def make_site_dataset(spec: SiteSpec, files: list[Path], site_seed: int,
+                      coil_maps: str | None = None) -> Any:
+    """The dataset of ``files`` under the site's acquisition (mask seeded by ``site_seed``)."""
     acq = spec.acquisition
     if spec.modality == "mri":
         from .fastmri import FastMRISliceDataset
@@ -181,14 +183,14 @@ def simulate_sites(specs: Sequence[SiteSpec], seed: int, *,
     root = Path(root) if root is not None else Path.cwd()
     sites: dict[str, SiteData] = {}
     for spec in specs:
-        site_seed = _site_seed(seed, spec.name)
-        files = _volume_files(spec, root, site_seed)
-        order = np.random.default_rng(site_seed).permutation(len(files))
+        seed_of_site = site_seed(seed, spec.name)
+        files = _volume_files(spec, root, seed_of_site)
+        order = np.random.default_rng(seed_of_site).permutation(len(files))
         counts = _split_counts(len(files), spec.split, f"site {spec.name!r}")
         bounds = np.cumsum([0, *counts])
         split_files = {name: tuple(files[j] for j in order[bounds[k]:bounds[k + 1]])
                        for k, name in enumerate(SPLITS)}
-        datasets = {name: _make_dataset(spec, list(fs), site_seed, coil_maps) if fs else None
+        datasets = {name: make_site_dataset(spec, list(fs), seed_of_site, coil_maps) if fs else None
                     for name, fs in split_files.items()}
         sites[spec.name] = SiteData(spec, datasets["train"], datasets["val"], datasets["test"],
                                     split_files, spec.acquisition.protocol_vector())

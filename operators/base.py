@@ -37,13 +37,13 @@ class LinearOperator(nn.Module):
         return ()
 
     # -- the contract -------------------------------------------------------------------
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802 - the standard name in imaging
+    def A(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def A_normal(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A_normal(self, x: Tensor) -> Tensor:
         """``A^H A x``; subclasses override where a cheaper form exists."""
         return self.A_adjoint(self.A(x))
 
@@ -52,7 +52,7 @@ class LinearOperator(nn.Module):
 
     # -- algebra --------------------------------------------------------------------------
     @property
-    def H(self) -> LinearOperator:  # noqa: N802
+    def H(self) -> LinearOperator:
         """The adjoint as an operator (``op.H.H`` is ``op``)."""
         return AdjointOperator(self)
 
@@ -150,6 +150,12 @@ class LinearOperator(nn.Module):
                 break
         return _squeeze(lam.clamp_min(0).sqrt(), dims)
 
+    def domain_support(self) -> Tensor | None:
+        """A real 0/1 mask broadcastable to ``(*batch, *domain_shape)`` of the pixels that
+        ``A`` sees (``A x`` ignores ``x`` outside it), or ``None`` when it sees every pixel.
+        Unrolled networks zero their prior's output outside it: there the data say nothing."""
+        return None
+
     def norm_bound(self) -> float:
         """An upper bound (or a tight estimate) of ``||A||_2``, cheap to call repeatedly.
 
@@ -205,13 +211,13 @@ class AdjointOperator(LinearOperator):
         return self.op.batch_shape
 
     @property
-    def H(self) -> LinearOperator:  # noqa: N802
+    def H(self) -> LinearOperator:
         return self.op
 
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A(self, x: Tensor) -> Tensor:
         return self.op.A_adjoint(x)
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         return self.op.A(y)
 
 
@@ -233,17 +239,17 @@ class ComposedOperator(LinearOperator):
     def batch_shape(self) -> tuple[int, ...]:
         return tuple(torch.broadcast_shapes(self.outer.batch_shape, self.inner.batch_shape))
 
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A(self, x: Tensor) -> Tensor:
         return self.outer.A(self.inner.A(x))
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         return self.inner.A_adjoint(self.outer.A_adjoint(y))
 
 
 class ScaledOperator(LinearOperator):
     """``s * op`` for a scalar ``s`` (the normal operator is ``|s|^2 op.A_normal``)."""
 
-    def __init__(self, op: LinearOperator, scale: complex | float | Tensor) -> None:
+    def __init__(self, op: LinearOperator, scale: complex | Tensor) -> None:
         super().__init__()
         self.op = op
         self.scale = scale
@@ -260,13 +266,13 @@ class ScaledOperator(LinearOperator):
             return s.conj()
         return s.conjugate() if isinstance(s, complex) else s
 
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A(self, x: Tensor) -> Tensor:
         return self.scale * self.op.A(x)
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         return self._conj_scale() * self.op.A_adjoint(y)
 
-    def A_normal(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A_normal(self, x: Tensor) -> Tensor:
         s = self.scale
         s2 = (s.abs() ** 2) if isinstance(s, Tensor) else abs(s) ** 2
         return s2 * self.op.A_normal(x)
@@ -291,26 +297,26 @@ class SumOperator(LinearOperator):
     def batch_shape(self) -> tuple[int, ...]:
         return tuple(torch.broadcast_shapes(self.a.batch_shape, self.b.batch_shape))
 
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A(self, x: Tensor) -> Tensor:
         return self.a.A(x) + self.b.A(x)
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         return self.a.A_adjoint(y) + self.b.A_adjoint(y)
 
 
 class Identity(LinearOperator):
     """The identity on tensors ending with ``shape``."""
 
-    def __init__(self, shape: Sequence[int], complex: bool = False) -> None:  # noqa: A002
+    def __init__(self, shape: Sequence[int], complex: bool = False) -> None:
         super().__init__()
         self.domain_shape = self.range_shape = tuple(int(s) for s in shape)
         self.domain_complex = self.range_complex = complex
 
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A(self, x: Tensor) -> Tensor:
         return x
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         return y
 
-    def A_normal(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A_normal(self, x: Tensor) -> Tensor:
         return x

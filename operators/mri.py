@@ -40,7 +40,7 @@ from ._checks import (
 from .base import LinearOperator
 from .registry import register_operator
 
-__all__ = ["fft2c", "ifft2c", "rss", "MultiCoilMRI", "SingleCoilMRI"]
+__all__ = ["MultiCoilMRI", "SingleCoilMRI", "fft2c", "ifft2c", "rss"]
 
 _DIMS = (-2, -1)
 
@@ -269,13 +269,13 @@ class MultiCoilMRI(_CartesianMRI):
     def _maps(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         return self.coil_maps.to(device=device, dtype=dtype)
 
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., C, H, W)``: ``M * fft2c(S * x)``."""
         x = self._prepare_image(x)
         k = self._fwd_fft(self._maps(x.dtype, x.device) * x.unsqueeze(-3))
         return self._apply_mask(k, self._kmask(x.dtype, x.device))
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         """``(..., C, H, W) -> (..., H, W)``: ``sum_c conj(S_c) * ifft2c(M * y_c)``."""
         owner = type(self).__name__
         check_trailing_shape("y", y, self.range_shape, owner)
@@ -283,7 +283,7 @@ class MultiCoilMRI(_CartesianMRI):
         z = self._adj_fft(y * self._kmask(y.dtype, y.device))
         return self._finish_image(_coil_combine(self._maps(y.dtype, y.device), z))
 
-    def A_normal(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A_normal(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``S^H F^H M^2 F S x`` in one pass over the coils."""
         x = self._prepare_image(x)
         maps = self._maps(x.dtype, x.device)
@@ -291,6 +291,10 @@ class MultiCoilMRI(_CartesianMRI):
         # the k-space checkerboard squares to one, so only M^2 is applied here
         z = self._adj_fft(self._apply_mask(k, self._kmask(x.dtype, x.device, square=True)))
         return self._finish_image(_coil_combine(maps, z))
+
+    def domain_support(self) -> Tensor:
+        """``(..., H, W)`` float: 1 where some coil map is non-zero (SENSE sees nothing else)."""
+        return (self.coil_maps.abs().square().sum(dim=-3) > 0).to(self.coil_maps.real.dtype)
 
     def _compute_norm_bound(self) -> float:
         """``max|M| * max_pixel sqrt(sum_c |S_c|^2)`` >= ``||A||_2`` (exact for RSS-normalized maps
@@ -336,12 +340,12 @@ class SingleCoilMRI(_CartesianMRI):
     def batch_shape(self) -> tuple[int, ...]:
         return tuple(self.mask.shape[:-2])
 
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``M * fft2c(x)``."""
         x = self._prepare_image(x)
         return self._apply_mask(self._fwd_fft(x), self._kmask(x.dtype, x.device))
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``ifft2c(M * y)``."""
         check_trailing_shape("y", y, self.range_shape, type(self).__name__)
         y = y.to(_compute_dtype(y))
@@ -351,7 +355,7 @@ class SingleCoilMRI(_CartesianMRI):
         """``max|M|``: the centred orthonormal FFT has norm one."""
         return float(self.mask.abs().max())
 
-    def A_normal(self, x: Tensor) -> Tensor:  # noqa: N802
+    def A_normal(self, x: Tensor) -> Tensor:
         """``ifft2c(M^2 * fft2c(x))``."""
         x = self._prepare_image(x)
         z = self._adj_fft(self._fwd_fft(x) * self._kmask(x.dtype, x.device, square=True))

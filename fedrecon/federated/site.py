@@ -181,9 +181,16 @@ class Site:
         loader = {"val": self.val_loader, "test": self.test_loader, "train": self.train_loader}.get(split)
         if loader is None:
             raise ValueError(f"site '{self.site_id}' has no '{split}' data")
+        model = self.evaluation_model(global_state, personal=personal)
+        return evaluate_model(model, loader, op_factory=self.op_factory, device=self.device)
+
+    def evaluation_model(self, global_state: Mapping[str, Tensor] | None = None, *,
+                         personal: bool | None = None) -> nn.Module:
+        """The model this site reconstructs with: its LOCAL state with ``global_state``, or
+        its personal model (Ditto) when it has one, unless ``personal=False``."""
         private = self._private()
         has_personal = "personal" in private
         use_personal = has_personal if personal is None else (personal and has_personal)
         model = self.build_model(None if use_personal else global_state, personal=use_personal,
                                  private=private)
-        return evaluate_model(model, loader, op_factory=self.op_factory, device=self.device)
+        return model.eval()

@@ -4,7 +4,8 @@
 model class serves every site and both modalities::
 
     x_0 = x0 or FBP(y) (CT) or A^H y (MRI)
-    z_k = prior_k(x_k, protocol)          # GLOBAL: shared by the federation
+    z_k = prior_k(x_k, protocol) * S      # GLOBAL: shared by the federation
+                                          # (S: op.domain_support(), e.g. coil-map support)
     x_{k+1} = dc(z_k, y, op, k)           # LOCAL: the site's physics and step sizes
 """
 
@@ -62,7 +63,11 @@ class Unrolled(nn.Module):
     def _iteration(self, k: int, x: Tensor, y: Tensor, op: LinearOperator,
                    protocol: Tensor | None) -> Tensor:
         prior = self.priors[0 if self.share_weights else k]
-        return self.dc(prior(x, protocol), y, op, k)
+        z = prior(x, protocol)
+        support = op.domain_support()
+        if support is not None:  # outside it the data cannot correct the prior
+            z = z * support.to(device=z.device, dtype=z.real.dtype)
+        return self.dc(z, y, op, k)
 
     def forward(self, y: Tensor, op: LinearOperator, x0: Tensor | None = None,
                 protocol: Tensor | None = None) -> Tensor:

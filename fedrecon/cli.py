@@ -1,0 +1,373 @@
+"""The ``fedrecon`` command.
+
+::
+
+    fedrecon simulate-data --config SITES.toml --out DATA_DIR
+    fedrecon train    --config CONFIG.toml --out RUN_DIR
+    fedrecon resume   --run RUN_DIR [--rounds N]
+    fedrecon evaluate --run RUN_DIR [RUN_DIR ...] --data-split test --out EVAL_DIR [--baselines]
+    fedrecon bench    {operators,datasets,federated} [ARGS...]
+
+Config errors print one line naming the file, the key and what was expected, exit with
+status 2 and leave no run folder behind. Ctrl-C during training leaves the last completed
+round's checkpoint: ``fedrecon resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("fedrecon")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# -- simulate-data ----------------------------------------------------------------------------
+def cmd_simulate_data(args: argparse.Namespace) -> int:
+    from .experiment import config_to_toml, load_config, materialize_synthetic
+
+    cfg = load_config(args.config)
+    if args.seed is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    out = Path(args.out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        made = materialize_synthetic(cfg, out.resolve())
+        text = config_to_toml(made)
+        # only the [[sites]] part is a sites file; the rest are this config's settings
+        (out / "sites.toml").write_text(text[text.index("[[sites]]"):])
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    for e in made.sites:
+        counts = {k: len(list(v.glob("*.h5"))) for k, v in (e.folders or {}).items()}
+        print(f"{e.name:<20} {e.spec.modality}  volumes: " +
+              ", ".join(f"{k} {n}" for k, n in counts.items()))
+    print(f"wrote {out / 'sites.toml'} (paste its [[sites]] tables into a run config)")
+    return 0
+
+
+# -- train / resume ---------------------------------------------------------------------------
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .experiment import (
+        RUN_CONFIG_NAME,
+        build_experiment,
+        config_to_toml,
+        load_config,
+        materialize_synthetic,
+        prepare_run_dir,
+    )
+
+    cfg = load_config(args.config)
+    if args.rounds is not None:
+        cfg = dataclasses.replace(cfg, rounds=args.rounds)
+    out = Path(args.out)
+    prepare_run_dir(out)
+    created = not out.exists()
+    started = False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        root = cfg.data_root or (out / "data")
+        cfg = materialize_synthetic(cfg, Path(root).resolve())
+        exp = build_experiment(cfg)
+        runner = exp.runner(out, progress=not args.quiet)
+        tmp = out / f".{RUN_CONFIG_NAME}.tmp"
+        tmp.write_text(config_to_toml(cfg))
+        os.replace(tmp, out / RUN_CONFIG_NAME)
+        started = True
+        return _run(runner, out, cfg.rounds)
+    except BaseException:
+        if created and not started:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(runner: Any, out: Path, rounds: int) -> int:
+    t0 = time.perf_counter()
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        done = runner.completed_rounds
+        print(f"\ninterrupted after {done} of {rounds} rounds; the checkpoint of round {done} "
+              f"is in {out}. Continue with: fedrecon resume --run {out}", file=sys.stderr)
+        return 130
+    print(f"trained {rounds} rounds in {time.perf_counter() - t0:.0f} s: {out} "
+          f"(metrics.jsonl, checkpoint.pt). Evaluate with: fedrecon evaluate --run {out} "
+          f"--data-split test --out {out}/eval --baselines")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .experiment import RUN_CONFIG_NAME, build_experiment, load_config
+
+    run = Path(args.run)
+    path = run / RUN_CONFIG_NAME
+    if not path.is_file():
+        raise CLIError(f"{run}: not a fedrecon run folder (no {RUN_CONFIG_NAME})")
+    cfg = load_config(path)
+    exp = build_experiment(cfg)
+    runner = exp.runner(run, resume=True, progress=not args.quiet, rounds=args.rounds)
+    rounds = runner.config.rounds
+    if rounds != cfg.rounds:  # the run was extended: the effective config says so
+        import dataclasses
+
+        from .experiment import config_to_toml
+
+        tmp = run / f".{RUN_CONFIG_NAME}.tmp"
+        tmp.write_text(config_to_toml(dataclasses.replace(cfg, rounds=rounds)))
+        os.replace(tmp, path)
+    if runner.completed_rounds >= rounds:
+        print(f"{run}: all {rounds} rounds are complete (extend with --rounds N)")
+        return 0
+    print(f"resuming {run} after round {runner.completed_rounds} of {rounds}")
+    return _run(runner, run, rounds)
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+def _restore(run: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(config, experiment, site id -> model) of a finished or interrupted run."""
+    from .experiment import RUN_CONFIG_NAME, build_experiment, load_config
+    from .runners.baselines import POOLED_SITE_ID
+
+    path = run / RUN_CONFIG_NAME
+    if not path.is_file():
+        raise CLIError(f"--run {run}: not a fedrecon run folder (no {RUN_CONFIG_NAME})")
+    if not (run / "checkpoint.pt").is_file():
+        raise CLIError(f"--run {run}: no checkpoint.pt (the run never completed a round)")
+    cfg = load_config(path)
+    exp = build_experiment(cfg)
+    runner = exp.runner(run, resume=True, progress=False)
+    if runner.completed_rounds == 0:
+        raise CLIError(f"--run {run}: no round completed yet; nothing to evaluate")
+    state = runner.strategy._require_state()
+    models = {}
+    if cfg.strategy_name == "centralized":
+        pooled = runner.sites[POOLED_SITE_ID]
+        model = pooled.evaluation_model(state.for_site(POOLED_SITE_ID))
+        models = {s.site_id: model for s in exp.sites}
+    else:
+        for sid, site in runner.sites.items():
+            models[sid] = site.evaluation_model(state.for_site(sid))
+    return cfg, exp, models
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .evaluation import (
+        baseline_methods,
+        default_baselines,
+        evaluate_volumes,
+        model_method,
+        summarize,
+    )
+    from .report import (
+        figure_grid,
+        read_jsonl,
+        staged_output,
+        training_curves,
+        write_reconstructions,
+        write_report,
+        write_tables,
+    )
+
+    runs = [Path(r) for r in args.run]
+    restored = {}
+    for run in runs:
+        cfg, exp, models = _restore(run)
+        method = args.label.get(str(run)) if args.label else None
+        name = method or cfg.strategy_name
+        if name in restored:
+            name = f"{name}@{run.name}"
+        restored[name] = (run, cfg, exp, models)
+    first_cfg, first_exp = next(iter(restored.values()))[1:3]
+    site_ids = [s.site_id for s in first_exp.sites]
+    for name, (run, cfg, exp, _) in restored.items():
+        if [s.site_id for s in exp.sites] != site_ids:
+            raise CLIError(f"--run {run}: its sites {[s.site_id for s in exp.sites]} differ "
+                           f"from {site_ids}; runs compared together need the same sites")
+    modality = first_cfg.modality
+    if args.baselines is None:
+        wanted: list[str] = []
+    elif args.baselines == []:
+        wanted = default_baselines(modality)
+    else:
+        wanted = list(args.baselines)
+    split = args.data_split
+    device = first_exp.sites[0].device
+    metrics = ["psnr", "ssim", "nmse"] + (["psnr_hu", "ssim_hu"] if modality == "ct" else [])
+    rows, volume_rows, figures = [], [], []
+    chosen: dict[str, str] = {}
+    with staged_output(Path(args.out), overwrite=args.overwrite) as stage:
+        (stage / "figures").mkdir()
+        for k, site in enumerate(first_exp.sites):
+            loader = {"val": site.val_loader, "test": site.test_loader,
+                      "train": site.train_loader}[split]
+            if loader is None:
+                raise CLIError(f"site '{site.site_id}' has no '{split}' split")
+            methods: dict[str, Any] = {}
+            for name, (_, _, _, models) in restored.items():
+                methods[name] = (None, model_method(models[site.site_id]))
+            for b, (param, m) in baseline_methods(wanted, modality, site.val_loader,
+                                                  device).items():
+                methods[b] = (param, m)
+                chosen[f"{b}@{site.site_id}"] = param
+            images, scores = {}, {}
+            target_img = None
+            for name, (param, method) in methods.items():
+                vols = evaluate_volumes(method, loader, device=device, ct=modality == "ct")
+                summary = summarize(vols)
+                rows.append({"site": site.site_id, "method": name, **summary,
+                             "volumes": int(summary["volumes"]), "parameter": param or ""})
+                volume_rows += [{"site": site.site_id, "method": name, "volume": v.fname,
+                                 **v.metrics} for v in vols]
+                if not args.no_reconstructions:
+                    write_reconstructions(stage, name, site.site_id, vols)
+                mid = vols[0].recon.shape[0] // 2
+                images[name] = vols[0].recon[mid].numpy()
+                target_img = vols[0].target[mid].numpy()
+                scores[name] = vols[0].metrics
+                log.info("%-12s %-14s PSNR %.2f dB  SSIM %.4f  NMSE %.5f", site.site_id, name,
+                         summary["psnr"], summary["ssim"], summary["nmse"])
+            fig = f"figures/{k:02d}_{site.site_id}.png"
+            figure_grid(stage / fig, f"{site.site_id} ({split})", np.asarray(target_img), images,
+                        scores)
+            figures.append(fig)
+        table = write_tables(stage, rows, volume_rows, metrics)
+        curves = training_curves(stage / "figures" / "curves.png", {
+            name: read_jsonl(run / "metrics.jsonl") for name, (run, *_) in restored.items()})
+        base_desc = {b: "; ".join(f"{sid}: {chosen[f'{b}@{sid}']}" for sid in site_ids)
+                     for b in wanted}
+        write_report(stage, title=args.title or "fedrecon evaluation",
+                     runs={n: r[0] for n, r in restored.items()}, split=split, table_md=table,
+                     figures=figures, curves="figures/curves.png" if curves else None,
+                     baselines=base_desc)
+    print(table)
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
+
+
+# -- bench ------------------------------------------------------------------------------------
+BENCHES = ("operators", "datasets", "federated")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[1] / "scripts" / f"bench_{args.which}.py"
+    if not script.is_file():
+        raise CLIError(f"bench '{args.which}': {script} not found; the benchmarks run from a "
+                       f"source checkout of fedrecon")
+    return subprocess.call([sys.executable, str(script), *args.bench_args])
+
+
+# -- parser -----------------------------------------------------------------------------------
+def _labels(values: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        if "=" not in v:
+            raise CLIError(f"--label {v!r}: expected RUN_DIR=NAME")
+        run, name = v.split("=", 1)
+        out[run] = name
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedrecon", description="Federated physics-informed "
+                                "reconstruction: simulate sites, train, resume, evaluate.")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or round log")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate-data", help="write synthetic multi-site fastMRI/CT files")
+    s.add_argument("--config", required=True, help="a sites file or run config (TOML)")
+    s.add_argument("--out", required=True, help="data folder: <out>/<site>/<split>/*.h5")
+    s.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    s.set_defaults(func=cmd_simulate_data)
+
+    s = sub.add_parser("train", help="federated training from a TOML config")
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", required=True, help="run folder (must not hold a run)")
+    s.add_argument("--rounds", type=int, default=None, help="overrides the config's rounds")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("resume", help="continue an interrupted run")
+    s.add_argument("--run", required=True)
+    s.add_argument("--rounds", type=int, default=None, help="extend the run to N rounds")
+    s.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser("evaluate", help="evaluate runs on a split (fastMRI metrics)")
+    s.add_argument("--run", required=True, nargs="+", help="one or more run folders")
+    s.add_argument("--data-split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--out", required=True, help="evaluation folder (written atomically)")
+    s.add_argument("--baselines", nargs="*", default=None,
+                   help="classical baselines (none listed: all of the modality: zero_filled "
+                        "sense tv for MRI, fbp tv for CT)")
+    s.add_argument("--label", nargs="*", default=None, metavar="RUN_DIR=NAME",
+                   help="method name of a run in the tables (default: its strategy)")
+    s.add_argument("--title", default=None)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-reconstructions", action="store_true",
+                   help="skip writing the reconstruction .h5 files")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("bench", help="run a benchmark script (from a source checkout)")
+    s.add_argument("which", choices=BENCHES)
+    s.add_argument("bench_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bench)
+
+    for module in ("fedrecon.runners.flower_cli", "fedrecon.privacy.audit"):
+        try:  # optional subcommands (flwr, privacy extras)
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        register = getattr(mod, "register", None)
+        if register is not None:
+            register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .experiment import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        if getattr(args, "label", None) is not None:
+            args.label = _labels(args.label)
+        return int(args.func(args) or 0)
+    except (ConfigError, CLIError, FileExistsError, FileNotFoundError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"fedrecon {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,556 @@
+"""A federated experiment from one TOML file: parse and validate it, build the sites'
+data, the model, the strategy and the runner. The CLI (:mod:`fedrecon.cli`) and the
+benchmark scripts are thin wrappers around this module.
+
+A run config::
+
+    seed = 0
+    rounds = 10
+    local_steps = 20            # or local_epochs (steps = epochs x the site's batches)
+    lr = 1e-3
+    [strategy]
+    name = "partial"            # any of fedrecon.federated.STRATEGIES, or "centralized"
+    [model]                     # fedrecon.models.ModelConfig
+    [[sites]]
+    name = "north"
+    modality = "mri"
+    train = "data/north/train"  # folders of fastMRI-layout .h5 files (relative to this file)
+    val = "data/north/val"
+    test = "data/north/test"
+    [sites.acquisition]
+    mask = "random"             # alias of mask_type
+    acceleration = 4
+    center_fraction = 0.08
+
+A site may instead be a :class:`~fedrecon.datasets.SiteSpec` table (``[sites.data]`` with
+``kind = "synthetic"`` or ``"folder"`` and a ``split``): synthetic sites are simulated into
+``data_root/<site>/<split>/`` before training and appear in the run's effective config as
+folder sites, so ``evaluate`` and ``resume`` read the very same files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+from torch import nn
+
+from fedrecon.datasets import ConfigError, SiteSpec, simulate_sites
+from fedrecon.datasets.config import toml_value
+from fedrecon.datasets.site_simulation import SPLITS, make_site_dataset, site_seed
+from fedrecon.datasets.sites import MRIAcquisition, ct_acquisition_class
+from fedrecon.models import ModelConfig, Partition, Role, build_model
+
+__all__ = [
+    "RUN_CONFIG_NAME",
+    "ConfigError",
+    "Experiment",
+    "RunConfig",
+    "SiteEntry",
+    "build_experiment",
+    "config_to_toml",
+    "load_config",
+    "materialize_synthetic",
+    "parse_config",
+]
+
+RUN_CONFIG_NAME = "config.toml"  # the effective config, saved in the run folder
+SPECIAL_STRATEGIES = ("centralized",)
+
+
+def _unknown_key(where: str, key: str, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint} (valid: {', '.join(valid)})")
+
+
+# -- the config ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteEntry:
+    """A ``[[sites]]`` table: its spec (name, modality, acquisition, data source) and, for
+    folder sites, the folder of each split."""
+
+    spec: SiteSpec
+    folders: dict[str, Path] | None = None  # split -> folder; None: spec.data decides
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run config (see the module docstring).
+
+    Attributes
+    ----------
+    seed, rounds
+        Seed of everything; number of federated rounds.
+    local_steps, local_epochs
+        Local work per round: optimizer steps, or epochs of the site's training data (one of
+        the two; ``local_epochs`` wins when given).
+    lr, batch_size, loss, grad_clip
+        Each site's Adam learning rate, batch size, loss (l1 | mse | ssim), clipping norm.
+    fraction, min_sites, drop_prob, retries, eval_every
+        Participation: fraction of sites sampled per round, the minimum that must answer,
+        the probability that a sampled site drops (simulation), resampling retries, and the
+        evaluation period in rounds.
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+    coil_maps
+        MRI: ``"espirit"`` coil maps estimated from each volume's ACS lines.
+    data_root
+        Where synthetic sites are written (default: ``<run>/data``).
+    strategy, model, privacy
+        The ``[strategy]`` table (``name`` and the strategy's keyword arguments), the
+        ``[model]`` table (:class:`~fedrecon.models.ModelConfig`) and the ``[privacy]`` table.
+    """
+
+    sites: tuple[SiteEntry, ...]
+    seed: int = 0
+    rounds: int = 10
+    local_steps: int = 20
+    local_epochs: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 4
+    loss: str = "l1"
+    grad_clip: float | None = 1.0
+    fraction: float = 1.0
+    min_sites: int = 1
+    drop_prob: float = 0.0
+    retries: int = 0
+    eval_every: int = 1
+    device: str = "cpu"
+    coil_maps: str = "espirit"
+    data_root: Path | None = None
+    strategy: dict[str, Any] = field(default_factory=lambda: {"name": "partial"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None  # the file it was read from
+
+    @property
+    def strategy_name(self) -> str:
+        return str(self.strategy["name"])
+
+    @property
+    def modality(self) -> str:
+        return self.sites[0].spec.modality
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "seed": (int,), "rounds": (int,), "local_steps": (int,), "local_epochs": (int,),
+    "lr": (float, int), "batch_size": (int,), "loss": (str,), "grad_clip": (float, int),
+    "fraction": (float, int), "min_sites": (int,), "drop_prob": (float, int), "retries": (int,),
+    "eval_every": (int,), "device": (str,), "coil_maps": (str,), "data_root": (str,),
+}
+_TABLES = ("sites", "strategy", "model", "privacy")
+
+
+def _check_scalar(key: str, value: Any, where: str) -> Any:
+    types = _SCALARS[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        want = " or ".join(t.__name__ for t in types)
+        raise ConfigError(f"{where}: key '{key}' must be {want}; got {value!r}")
+    return float(value) if float in types else value
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _parse_site(data: Any, where: str, base: Path) -> SiteEntry:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: must be a table ([[sites]]); got {type(data).__name__}")
+    raw = dict(data)
+    if isinstance(raw.get("name"), str):
+        where = f"{where} ({raw['name']!r})"
+    acq = raw.get("acquisition")
+    if isinstance(acq, Mapping) and "mask" in acq:
+        acq = dict(acq)
+        if "mask_type" in acq:
+            raise ConfigError(f"{where}.acquisition: give 'mask' or 'mask_type', not both")
+        acq["mask_type"] = acq.pop("mask")
+        raw["acquisition"] = acq
+    folder_keys = [k for k in SPLITS if k in raw]
+    if not folder_keys:
+        if isinstance(raw.get("data"), Mapping) and raw["data"].get("path"):
+            raw["data"] = dict(raw["data"]) | {"path": str(_resolve(raw["data"]["path"], base))}
+        spec = SiteSpec.from_dict(raw, where)
+        if spec.data.kind == "folder" and not Path(spec.data.path).is_dir():
+            raise ConfigError(f"{where}: data folder {spec.data.path} does not exist")
+        return SiteEntry(spec)
+    if "data" in raw or "split" in raw:
+        raise ConfigError(f"{where}: give either train/val/test folders or a [sites.data] "
+                          f"table with a split, not both")
+    if "train" not in raw:
+        raise ConfigError(f"{where}: folder sites need key 'train'")
+    folders: dict[str, Path] = {}
+    for key in folder_keys:
+        value = raw.pop(key)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key '{key}' must be a folder path; got {value!r}")
+        folder = _resolve(value, base)
+        if not folder.is_dir():
+            raise ConfigError(f"{where}: {key} folder {folder} does not exist")
+        folders[key] = folder
+    raw["data"] = {"kind": "folder", "path": str(folders["train"])}
+    return SiteEntry(SiteSpec.from_dict(raw, where), folders)
+
+
+def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,
+                 where: str = "config") -> RunConfig:
+    """Validate a config document (the parsed TOML). Relative paths are relative to
+    ``base``. Every error is a :class:`ConfigError` naming ``where`` and the key."""
+    base = Path.cwd() if base is None else Path(base)
+    valid = [*_SCALARS, *_TABLES]
+    for key in doc:
+        if key not in valid:
+            raise _unknown_key(where, key, valid)
+    kw: dict[str, Any] = {k: _check_scalar(k, v, where) for k, v in doc.items() if k in _SCALARS}
+    if "data_root" in kw:
+        kw["data_root"] = _resolve(kw["data_root"], base)
+    for key in ("rounds", "local_steps", "batch_size", "min_sites", "eval_every"):
+        if key in kw and kw[key] < 1:
+            raise ConfigError(f"{where}: key '{key}' must be >= 1; got {kw[key]}")
+    if kw.get("local_epochs") is not None and kw["local_epochs"] < 1:
+        raise ConfigError(f"{where}: key 'local_epochs' must be >= 1; got {kw['local_epochs']}")
+    if "retries" in kw and kw["retries"] < 0:
+        raise ConfigError(f"{where}: key 'retries' must be >= 0; got {kw['retries']}")
+    if "lr" in kw and not kw["lr"] > 0:
+        raise ConfigError(f"{where}: key 'lr' must be > 0; got {kw['lr']}")
+    if "fraction" in kw and not 0 < kw["fraction"] <= 1:
+        raise ConfigError(f"{where}: key 'fraction' must lie in (0, 1]; got {kw['fraction']}")
+    if "drop_prob" in kw and not 0 <= kw["drop_prob"] < 1:
+        raise ConfigError(f"{where}: key 'drop_prob' must lie in [0, 1); got {kw['drop_prob']}")
+    from fedrecon.train.loop import LOSSES
+
+    if kw.get("loss", "l1") not in LOSSES:
+        raise ConfigError(f"{where}: key 'loss' must be one of {tuple(LOSSES)}; got {kw['loss']!r}")
+    if kw.get("device", "cpu") not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"{where}: key 'device' must be 'cpu', 'cuda' or 'auto'; "
+                          f"got {kw['device']!r}")
+    if kw.get("coil_maps", "espirit") != "espirit":
+        raise ConfigError(f"{where}: key 'coil_maps' must be 'espirit'; got {kw['coil_maps']!r}")
+
+    sites = doc.get("sites")
+    if not isinstance(sites, list) or not sites:
+        raise ConfigError(f"{where}: needs at least one [[sites]] table")
+    entries = tuple(_parse_site(d, f"{where}: sites[{i}]", base) for i, d in enumerate(sites))
+    names = [e.name for e in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{where}: site names must be unique; repeated: {dup}")
+    modalities = {e.spec.modality for e in entries}
+    if len(modalities) > 1:
+        raise ConfigError(f"{where}: all sites must share one modality (one network serves "
+                          f"them); got {sorted(modalities)}")
+    if kw.get("min_sites", 1) > len(entries):
+        raise ConfigError(f"{where}: key 'min_sites' ({kw['min_sites']}) exceeds the number of "
+                          f"sites ({len(entries)})")
+
+    strategy = doc.get("strategy", {"name": "partial"})
+    if not isinstance(strategy, Mapping) or not isinstance(strategy.get("name"), str):
+        raise ConfigError(f"{where}: [strategy] needs key 'name' (a string)")
+    strategy = dict(strategy)
+    for key in ("local_steps", "lr"):
+        if key in strategy:
+            raise ConfigError(f"{where}: [strategy] key '{key}' belongs at the top level")
+    _check_strategy(strategy, f"{where}: [strategy]")
+
+    model_doc = doc.get("model", {})
+    if not isinstance(model_doc, Mapping):
+        raise ConfigError(f"{where}: [model] must be a table")
+    try:
+        model = ModelConfig.from_dict(model_doc, where=f"{where}: [model]")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    privacy = doc.get("privacy", {})
+    if not isinstance(privacy, Mapping):
+        raise ConfigError(f"{where}: [privacy] must be a table")
+    if privacy:
+        _check_privacy(strategy["name"], dict(privacy), f"{where}: [privacy]")
+    return RunConfig(sites=entries, strategy=strategy, model=model, privacy=dict(privacy), **kw)
+
+
+def _check_strategy(strategy: dict[str, Any], where: str) -> None:
+    from fedrecon.federated import STRATEGIES, strategy_kwargs
+
+    name = strategy["name"]
+    if name in SPECIAL_STRATEGIES:
+        extra = [k for k in strategy if k != "name"]
+        if extra:
+            raise ConfigError(f"{where}: strategy '{name}' takes no keys; got {extra}")
+        return
+    if name not in STRATEGIES:
+        raise _unknown_key(f"{where} name", name, [*STRATEGIES, *SPECIAL_STRATEGIES])
+    valid = [k for k in strategy_kwargs(STRATEGIES[name]) if k not in ("local_steps", "lr",
+                                                                        "partition")]
+    valid += ["local_roles"]
+    for key in strategy:
+        if key != "name" and key not in valid:
+            raise _unknown_key(f"{where} (strategy '{name}')", key, ["name", *valid])
+    roles = strategy.get("local_roles")
+    if roles is not None:
+        known = [r.value for r in Role]
+        if not isinstance(roles, list) or any(r not in known for r in roles):
+            raise ConfigError(f"{where}: key 'local_roles' must be a list of roles from "
+                              f"{known}; got {roles!r}")
+
+
+def _check_privacy(strategy: str, privacy: dict[str, Any], where: str) -> None:
+    try:
+        from fedrecon.privacy import check_privacy_compatibility
+    except ImportError:
+        raise ConfigError(f"{where}: privacy options need fedrecon.privacy, which this "
+                          f"installation lacks") from None
+    try:
+        check_privacy_compatibility(strategy, privacy)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """Read and validate a run config file; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    cfg = parse_config(doc, base=path.resolve().parent, where=str(path))
+    return dataclasses.replace(cfg, source=path.resolve())
+
+
+def config_to_toml(cfg: RunConfig) -> str:
+    """The TOML text of ``cfg`` with absolute paths (what ``load_config`` reads back)."""
+    lines = [f"# effective config of a fedrecon run (from {cfg.source or 'a dict'})"]
+    for key in _SCALARS:
+        value = getattr(cfg, key)
+        if value is not None:
+            lines.append(f"{key} = {toml_value(str(value) if isinstance(value, Path) else value)}")
+    lines += ["", "[strategy]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in cfg.strategy.items()]
+    lines += ["", "[model]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in dataclasses.asdict(cfg.model).items()]
+    if cfg.privacy:
+        lines += ["", "[privacy]"] + [f"{k} = {toml_value(v)}" for k, v in cfg.privacy.items()]
+    for entry in cfg.sites:
+        d = entry.spec.to_dict()
+        lines += ["", "[[sites]]", f"name = {toml_value(entry.name)}",
+                  f"modality = {toml_value(entry.spec.modality)}"]
+        if entry.folders is not None:
+            lines += [f"{k} = {toml_value(str(v))}" for k, v in entry.folders.items()]
+        else:
+            lines.append(f"split = {toml_value(list(entry.spec.split))}")
+            lines.append("[sites.data]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in d["data"].items() if v is not None]
+        lines.append("[sites.acquisition]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in d["acquisition"].items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+# -- data -----------------------------------------------------------------------------------
+def materialize_synthetic(cfg: RunConfig, root: Path) -> RunConfig:
+    """Simulate the synthetic sites of ``cfg`` into ``root/<site>/<split>/`` and return the
+    config with those sites turned into folder sites (other sites unchanged)."""
+    synthetic = [e.spec for e in cfg.sites if e.folders is None and e.spec.data.kind == "synthetic"]
+    if not synthetic:
+        return cfg
+    for spec in synthetic:
+        target = root / spec.name
+        if target.exists() and any(target.iterdir()):
+            raise ConfigError(f"data folder {target} exists and is not empty: remove it, or "
+                              f"point the site's train/val/test keys at it")
+    made = simulate_sites(synthetic, cfg.seed, root=root)
+    entries = []
+    for entry in cfg.sites:
+        if entry.name not in made:
+            entries.append(entry)
+            continue
+        folders = {}
+        for split, files in made[entry.name].files.items():
+            if not files:
+                continue
+            folder = root / entry.name / split
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                os.replace(f, folder / Path(f).name)
+            folders[split] = folder.resolve()
+        spec = dataclasses.replace(entry.spec, data=dataclasses.replace(
+            entry.spec.data, kind="folder", path=str(folders["train"])))
+        entries.append(SiteEntry(spec, folders))
+    return dataclasses.replace(cfg, sites=tuple(entries))
+
+
+def _folder_files(entry: SiteEntry, split: str) -> list[Path]:
+    assert entry.folders is not None
+    folder = entry.folders[split]
+    files = sorted(p for p in folder.glob("*.h5") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ConfigError(f"site {entry.name!r}: no .h5 files in its {split} folder {folder}")
+    return files
+
+
+def site_datasets(cfg: RunConfig, entry: SiteEntry) -> dict[str, Any]:
+    """``split -> dataset`` of one site (``None`` for a split it lacks)."""
+    coil_maps = cfg.coil_maps if entry.spec.modality == "mri" else None
+    if entry.folders is None:
+        data = simulate_sites([entry.spec], cfg.seed, coil_maps=coil_maps)[entry.name]
+        return {"train": data.train, "val": data.val, "test": data.test}
+    seed = site_seed(cfg.seed, entry.name)
+    return {split: make_site_dataset(entry.spec, _folder_files(entry, split), seed, coil_maps)
+            if split in entry.folders else None for split in SPLITS}
+
+
+# -- model, strategy, sites, runner ---------------------------------------------------------
+def protocol_length(modality: str) -> int:
+    acq = MRIAcquisition() if modality == "mri" else ct_acquisition_class()(
+        image_size=(32, 32))
+    return len(acq.protocol_vector())
+
+
+def effective_model_config(cfg: RunConfig) -> ModelConfig:
+    """The ``[model]`` table, with FiLM conditioning switched on for the hypernetwork."""
+    model = cfg.model
+    if cfg.strategy_name == "hypernetwork" and model.cond_dim == 0:
+        model = dataclasses.replace(model, cond_dim=protocol_length(cfg.modality))
+    return model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config: device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built from a :class:`RunConfig`."""
+
+    config: RunConfig
+    sites: list[Any]  # fedrecon.federated.Site
+    strategy: Any  # fedrecon.federated.Strategy (for "centralized": the pooled FedAvg)
+    model_config: ModelConfig
+
+    def runner(self, run_dir: Path, *, resume: bool = False, progress: bool = True,
+               rounds: int | None = None) -> Any:
+        from fedrecon.runners import SimulationRunner, centralized_runner
+
+        cfg = self.config
+        kw: dict[str, Any] = {"seed": cfg.seed, "fraction": cfg.fraction, "min_sites": cfg.min_sites,
+                                  "drop_prob": cfg.drop_prob, "eval_every": cfg.eval_every,
+                                  "retries": cfg.retries, "progress": progress}
+        if cfg.privacy:
+            kw["privacy"] = cfg.privacy
+        if cfg.strategy_name == "centralized":
+            kw.pop("privacy", None)
+            return centralized_runner(self.sites, rounds=rounds or cfg.rounds, run_dir=run_dir,
+                                      local_steps=self.strategy.local_steps, lr=cfg.lr,
+                                      resume=resume, **kw)
+        if resume:
+            return SimulationRunner.resume(run_dir, self.sites, self.strategy, rounds=rounds,
+                                           progress=progress)
+        return SimulationRunner(self.sites, self.strategy, rounds=cfg.rounds, run_dir=run_dir,
+                                **kw)
+
+
+def _model_factory(model_cfg: ModelConfig, complex_images: bool, seed: int):
+    def factory() -> nn.Module:
+        # every site starts from the same weights without touching the global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(model_cfg, complex_images=complex_images)
+    return factory
+
+
+def _local_steps(cfg: RunConfig, loaders: Sequence[Any]) -> int:
+    if cfg.local_epochs is None:
+        return cfg.local_steps
+    # one plan for all sites: epochs of the average site (documented in RunConfig)
+    return max(1, round(cfg.local_epochs * sum(len(ld) for ld in loaders) / len(loaders)))
+
+
+def build_experiment(cfg: RunConfig) -> Experiment:
+    """Datasets, loaders, sites and the strategy of ``cfg`` (synthetic sites must have been
+    materialized, or are simulated into a temporary folder)."""
+    from torch.utils.data import DataLoader
+
+    from fedrecon.datasets import collate_ct_samples, collate_mri_samples
+    from fedrecon.federated import Site, make_strategy
+    from fedrecon.federated.strategies_hypernetwork import global_names_with_roles
+
+    mri = cfg.modality == "mri"
+    collate = collate_mri_samples if mri else collate_ct_samples
+    model_cfg = effective_model_config(cfg)
+    factory = _model_factory(model_cfg, mri, cfg.seed)
+    device = resolve_device(cfg.device)
+    datasets = {e.name: site_datasets(cfg, e) for e in cfg.sites}
+    loaders = {}
+    for name, ds in datasets.items():
+        gen = torch.Generator().manual_seed(site_seed(cfg.seed, name) % 2**63)
+        loaders[name] = {
+            "train": DataLoader(ds["train"], batch_size=cfg.batch_size, shuffle=True,
+                                collate_fn=collate, generator=gen),
+            **{s: DataLoader(ds[s], batch_size=max(cfg.batch_size, 8), collate_fn=collate)
+               if ds[s] is not None else None for s in ("val", "test")}}
+    steps = _local_steps(cfg, [ld["train"] for ld in loaders.values()])
+
+    kwargs = {k: v for k, v in cfg.strategy.items() if k != "name"}
+    name = cfg.strategy_name
+    if name == "centralized":
+        strategy_name, kwargs = "fedavg", {}
+    else:
+        strategy_name = name
+    if name == "fedavg" and "local_roles" not in kwargs:
+        kwargs["local_roles"] = []  # classical FedAvg shares every parameter
+    if name == "hypernetwork" and "local_roles" not in kwargs:
+        kwargs["local_roles"] = [Role.DC.value, Role.ESTIMATOR.value]
+    try:
+        strategy = make_strategy(strategy_name, local_steps=steps, lr=cfg.lr, **kwargs)
+        if name == "hypernetwork" and "targets" not in kwargs:
+            targets = global_names_with_roles(factory(), strategy.partition, [Role.CONDITIONING])
+            strategy = make_strategy(strategy_name, local_steps=steps, lr=cfg.lr,
+                                     targets=targets, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"[strategy]: {err}") from None
+    partition: Partition = strategy.partition
+    sites = []
+    for entry in cfg.sites:
+        ld = loaders[entry.name]
+        sites.append(Site(entry.name, model_factory=factory, train_loader=ld["train"],
+                          val_loader=ld["val"], test_loader=ld["test"], partition=partition,
+                          device=device, loss=cfg.loss, grad_clip=cfg.grad_clip, seed=cfg.seed,
+                          protocol=entry.spec.acquisition.protocol_vector()))
+    if cfg.eval_every and any(s.val_loader is None for s in sites):
+        missing = [s.site_id for s in sites if s.val_loader is None]
+        raise ConfigError(f"sites {missing} have no val data; the runner evaluates on 'val' "
+                          f"every {cfg.eval_every} round(s)")
+    return Experiment(cfg, sites, strategy, model_cfg)
+
+
+def prepare_run_dir(out: Path) -> None:
+    """Refuse a folder that holds a run; create it otherwise."""
+    if (out / "checkpoint.pt").exists() or (out / RUN_CONFIG_NAME).exists():
+        raise ConfigError(f"{out} already holds a run: use 'fedrecon resume --run {out}' or "
+                          f"another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
