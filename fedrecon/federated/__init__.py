@@ -32,4 +32,7 @@ from .strategies_adaptive import FedAdam, FedOpt, FedYogi
 from .strategies_hypernetwork import Hypernetwork, SiteHypernetwork, global_names_with_roles
 from .strategies_personalized import LocalOnly, SimilarityWeighted, similarity_weights
 
+# --- robust aggregation (owned by the privacy work) ---
+from .strategies_robust import CoordinateMedian, MultiKrum, TrimmedMean, krum_scores
+
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -23,6 +23,7 @@ from .messages import TrainingPlan
 from .strategies_adaptive import FedAdam, FedYogi
 from .strategies_hypernetwork import Hypernetwork
 from .strategies_personalized import LocalOnly, SimilarityWeighted
+from .strategies_robust import CoordinateMedian, MultiKrum, TrimmedMean  # robust (privacy work)
 from .strategy import FedAvg, Strategy
 
 __all__ = [
@@ -135,7 +136,8 @@ class FedRep(FedAvg):
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (FedAvg, PartialSharing, FedProx, FedBN, FedAdam, FedYogi, Ditto, FedRep,
-                Hypernetwork, SimilarityWeighted, LocalOnly)
+                Hypernetwork, SimilarityWeighted, LocalOnly,
+                CoordinateMedian, TrimmedMean, MultiKrum)  # robust: strategies_robust.py
 }
 
 

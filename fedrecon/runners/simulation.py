@@ -84,6 +84,8 @@ RECORD_FIELDS = (
     "bytes_sent",      # int: serialized tensor bytes of the site's update (0 if none)
     "bytes_received",  # int: tensor bytes of the instructions' global_state (0 if not sampled)
     "fit_seconds", "eval_seconds",  # float or null: wall time of fit / evaluate
+    "epsilon",         # float or null: DP epsilon so far (``privacy`` with DP), same for all sites
+    "rejected",        # str or null: why the server rejected the site's update (``privacy``)
     "time",            # float: Unix time the record was written
 )
 
@@ -175,6 +177,11 @@ class SimulationRunner:
         ``site id -> Evaluator``, replacing the default ``Site.evaluate`` (the centralized
         baseline evaluates its pooled model on each site's data this way). Ids that are not
         training sites get records of their own.
+    privacy
+        A :class:`fedrecon.privacy.UpdatePipeline` (clipping/noise at the sites, validation,
+        secure aggregation, DP accounting), or ``None``: the plain path. With secure
+        aggregation ``on_update`` sees nothing (the server holds no individual update); use
+        the pipeline's ``on_secure_sum``.
     """
 
     def __init__(self, sites: Sequence[Site], strategy: Strategy, *, rounds: int,
@@ -182,7 +189,8 @@ class SimulationRunner:
                  min_sites: int = 1, drop_prob: float = 0.0, eval_every: int = 1,
                  eval_split: str = "val", retries: int = 0, progress: bool = True,
                  on_update: Callable[[SiteUpdate], None] | None = None,
-                 evaluators: Mapping[str, Evaluator] | None = None) -> None:
+                 evaluators: Mapping[str, Evaluator] | None = None,
+                 privacy: Any | None = None) -> None:
         if not sites:
             raise ValueError("argument 'sites' is empty")
         ids = [s.site_id for s in sites]
@@ -200,6 +208,9 @@ class SimulationRunner:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.on_update = on_update
+        self.privacy = privacy  # fedrecon.privacy.UpdatePipeline (duck-typed: no upward import)
+        if privacy is not None:
+            privacy.check_strategy(strategy)
         self.store = RoundStore(self.run_dir / "sites")
         self.evaluators: dict[str, Evaluator] = dict(evaluators) if evaluators is not None else {
             sid: self._site_evaluator(site) for sid, site in self.sites.items()}
@@ -242,7 +253,8 @@ class SimulationRunner:
     def resume(cls, run_dir: str | os.PathLike, sites: Sequence[Site], strategy: Strategy, *,
                rounds: int | None = None, progress: bool = True,
                on_update: Callable[[SiteUpdate], None] | None = None,
-               evaluators: Mapping[str, Evaluator] | None = None) -> SimulationRunner:
+               evaluators: Mapping[str, Evaluator] | None = None,
+               privacy: Any | None = None) -> SimulationRunner:
         """Continue the run in ``run_dir`` from its last checkpoint.
 
         ``sites`` and ``strategy`` are rebuilt by the caller from the run's config; their
@@ -268,7 +280,7 @@ class SimulationRunner:
             config = dataclasses.replace(config, rounds=rounds)
         kw = dataclasses.asdict(config)
         runner = cls(sites, strategy, run_dir=run_dir, progress=progress, on_update=on_update,
-                     evaluators=evaluators, **kw)
+                     evaluators=evaluators, privacy=privacy, **kw)
         runner._restore(ckpt)
         return runner
 
@@ -310,6 +322,8 @@ class SimulationRunner:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.strategy.load_state_dict(ckpt["strategy"])
         self.completed_rounds = int(ckpt["completed_rounds"])
+        if self.privacy is not None and ckpt.get("privacy") is not None:
+            self.privacy.load_state_dict(ckpt["privacy"])
         self._rng.bit_generator.state = ckpt["runner_rng"]
         restore_rng(ckpt["rng"])
         for sid, states in ckpt["loader_rng"].items():
@@ -364,17 +378,32 @@ class SimulationRunner:
             t0 = time.perf_counter()
             update = self.sites[sid].fit(instructions[sid])
             fit_s = time.perf_counter() - t0
-            if self.on_update is not None:
+            if self.privacy is not None:  # --- privacy hook: site-side clip/noise ---
+                update = self.privacy.at_site(r, update, instructions[sid].global_state,
+                                              n_sampled=len(sampled))
+            if self.on_update is not None and not (self.privacy and self.privacy.masks_updates):
                 self.on_update(update)
             if update.site_id != sid or update.round != r:
                 raise ValueError(f"round {r}: site '{sid}' answered with an update for site "
                                  f"'{update.site_id}', round {update.round}")
-            check_update(update, self._global_names, self._global_shapes)
+            if self.privacy is None:
+                check_update(update, self._global_names, self._global_shapes)
             updates.append(update)
             rows[sid].update(participated=True, num_examples=update.num_examples,
                              loss=update.metrics.get("loss"), bytes_sent=update.nbytes,
                              fit_seconds=fit_s)
-        state = self.strategy.aggregate(r, updates, missing=dropped)
+        if self.privacy is None:
+            state = self.strategy.aggregate(r, updates, missing=dropped)
+        else:  # --- privacy hook: validation, secure sum, DP noise and accounting ---
+            result = self.privacy.aggregate(r, self.strategy, updates, missing=dropped,
+                                            names=self._global_names, shapes=self._global_shapes)
+            state = result.state
+            for sid, reason in result.rejected.items():
+                rows[sid].update(participated=False, rejected=reason)
+            for sid, nbytes in result.bytes_sent.items():
+                rows[sid]["bytes_sent"] = nbytes
+            for row in rows.values():
+                row["epsilon"] = result.epsilon
         del updates, instructions
         if (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds:
             split = self.config.eval_split
@@ -415,6 +444,8 @@ class SimulationRunner:
             "loader_rng": {k: v for k, v in loader_rng.items() if v},
             "metrics_bytes": self._metrics_path.stat().st_size,
         }
+        if self.privacy is not None:
+            ckpt["privacy"] = self.privacy.state_dict()
         atomic_torch_save(ckpt, self._ckpt_path)
         self.completed_rounds = completed
         self.store.prune(completed)
