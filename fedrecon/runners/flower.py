@@ -36,8 +36,14 @@ site's own disk under its ``state_dir``: LOCAL tensors in a
 that is restarted continues where it stopped (the server maps a site's new node id to its
 site id when it describes itself again).
 
-Optional secure aggregation with Flower's ``SecAggPlusWorkflow`` (``secure-aggregation = true``):
-see :mod:`fedrecon.runners.flower_secagg`.
+Optional secure aggregation (``secure-aggregation = true``): each round's training runs
+Flower's ``SecAggPlusWorkflow`` (four message exchanges: setup, key sharing, masked vectors,
+unmasking; ``secaggplus_mod`` on the sites keeps the protocol's state in Flower's
+``Context.state``). The server learns only the example-weighted average of the sites'
+GLOBAL tensors (clipped to ``secagg.clipping-range`` and quantized), which the strategy
+aggregates as one update; strategies that need each site's own update
+(``needs_individual_updates``) are refused. Per-site losses and example counts still travel
+in the clear, as Flower's FitRes metrics.
 """
 
 from __future__ import annotations
@@ -218,11 +224,13 @@ class FlowerServer:
     (``running`` / ``finished`` / ``failed``).
     """
 
-    def __init__(self, grid: Grid, config: FlowerRunConfig) -> None:
+    def __init__(self, grid: Grid, config: FlowerRunConfig,
+                 context: Context | None = None) -> None:
         if not config.run_dir:
             raise ValueError("run config: 'run-dir' (the server's output folder) is required")
         self.grid = grid
         self.config = config
+        self.context = context
         self.run_dir = Path(config.run_dir)
         self.strategy = config.build_strategy()
         if config.secure_aggregation and self.strategy.needs_individual_updates:
@@ -289,6 +297,7 @@ class FlowerServer:
         if self._ckpt.exists():
             raise FileExistsError(f"{self._ckpt} exists: set run config 'resume = true' to "
                                   f"continue that run, or use another run-dir")
+        open(self.run_dir / "messages.jsonl", "w", encoding="utf-8").close()
         want = max(self.config.expected_sites, self.config.min_sites)
         self._discover(want, self.config.connect_timeout)
         if len(self.sites) < self.config.min_sites:
@@ -301,7 +310,6 @@ class FlowerServer:
         self.strategy.initialize(self._initial, site_ids, protocols)
         with open(self._metrics, "w", encoding="utf-8"):
             pass
-        open(self.run_dir / "messages.jsonl", "w", encoding="utf-8").close()
         (self.run_dir / "config.json").write_text(json.dumps(
             {**self.config.as_dict(), "runner": "flower", "sites": site_ids}, indent=2) + "\n",
             encoding="utf-8")
@@ -344,9 +352,7 @@ class FlowerServer:
             "bytes_received": state_nbytes(instructions[sid].global_state)
             if sid in instructions else 0} for sid in self.strategy.site_ids}
         if self.config.secure_aggregation:
-            from .flower_secagg import secure_round
-
-            updates, answered = secure_round(self, r, instructions)
+            updates, answered = self._secure_train(r, instructions)
         else:
             updates, answered = self._train(r, instructions)
         missing = [s for s in sampled if s not in answered]
@@ -419,6 +425,61 @@ class FlowerServer:
                                 eval_seconds=float(m["eval_seconds"]))
         return out
 
+    # -- secure aggregation -------------------------------------------------------------------
+    def _secure_train(self, r: int, instructions: Mapping[str, Any]
+                      ) -> tuple[list[SiteUpdate], dict[str, dict[str, Any]]]:
+        """One round's training under Flower's SecAgg+ workflow: the result is a single
+        update, the example-weighted average of the answering sites' GLOBAL tensors."""
+        from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+        from flwr.server import ServerConfig
+        from flwr.server.client_manager import SimpleClientManager
+        from flwr.server.compat.grid_client_proxy import GridClientProxy
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.workflow import SecAggPlusWorkflow
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        from flwr.server.workflow.constant import Key as WorkflowKey
+
+        online = set(self.grid.get_node_ids())
+        names = self.global_names
+        fit_ins = {}
+        for sid, ins in instructions.items():
+            if sid in self.sites and self.sites[sid].node_id in online:
+                node = self.sites[sid].node_id
+                params = ndarrays_to_parameters([ins.global_state[n].numpy() for n in names])
+                proxy = GridClientProxy(node, self.grid, self.grid.run.run_id)
+                fit_ins[sid] = (proxy, FitIns(params, dict(_plan_to_config(r, sid, ins.plan))))
+        adapter = _SecAggStrategy(list(fit_ins.values()))
+        context = self.context
+        if context is None:
+            raise RuntimeError("secure aggregation needs the ServerApp's Context")
+        legacy = LegacyContext(context, ServerConfig(num_rounds=self.config.num_server_rounds),
+                               adapter, SimpleClientManager())
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: r})
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = state_to_arrays(
+            self.strategy._require_state().global_state)
+        kw = dict(num_shares=1.0, reconstruction_threshold=1.0)
+        kw.update(self.config.secagg_kwargs)
+        workflow = SecAggPlusWorkflow(**kw, timeout=self.config.round_timeout)
+        workflow(_AuditedGrid(self.grid, self), legacy)
+        answered: dict[str, dict[str, Any]] = {}
+        if not adapter.results:
+            return [], answered
+        arrays = parameters_to_ndarrays(adapter.results[0][1].parameters)
+        tensors = {n: torch.from_numpy(np.array(a, copy=True)).to(self._initial[n].dtype)
+                   for n, a in zip(names, arrays)}
+        total = 0
+        for _, res in adapter.results:
+            sid = str(res.metrics["site-id"])
+            total += res.num_examples
+            answered[sid] = dict(num_examples=res.num_examples, loss=res.metrics.get("loss"),
+                                 bytes_sent=state_nbytes(tensors),
+                                 fit_seconds=res.metrics.get("fit_seconds"))
+        kind = next(iter(instructions.values())).plan.send
+        update = SiteUpdate("secure-aggregate", r, tensors, kind, total)
+        check_update(update, self.global_names, self.global_shapes)
+        return [update], answered
+
     # -- messaging --------------------------------------------------------------------------
     def _message(self, content: RecordDict, site_id: str, kind: str, r: int) -> Message:
         ttl = self.config.round_timeout + 60.0
@@ -429,9 +490,12 @@ class FlowerServer:
                   what: str) -> dict[int, Message]:
         """Send ``node id -> message``; return the error-free replies by node id that came
         within ``timeout`` seconds. A node that goes offline is not waited for."""
-        if not msgs:
+        online = set(self.grid.get_node_ids())
+        for n in sorted(set(msgs) - online):
+            log.warning("%s: node %d is offline; not waiting for it", what, n)
+        nodes = [n for n in msgs if n in online]
+        if not nodes:
             return {}
-        nodes = list(msgs)
         for n in nodes:
             self._audit(msgs[n], n, "to_site")
         ids = list(self.grid.push_messages([msgs[n] for n in nodes]))
@@ -498,12 +562,83 @@ class FlowerServer:
         os.replace(tmp, path)
 
 
+class _AuditedGrid:
+    """A ``Grid`` that records the keys of every message it pushes and pulls (for the
+    SecAgg+ workflow, which talks to the grid itself)."""
+
+    def __init__(self, grid: Grid, server: FlowerServer) -> None:
+        self._grid = grid
+        self._server = server
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def push_messages(self, messages: Any) -> Any:
+        messages = list(messages)
+        for m in messages:
+            self._server._audit(m, m.metadata.dst_node_id, "to_site")
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        replies = list(self._grid.pull_messages(message_ids))
+        for m in replies:
+            if not m.has_error():
+                self._server._audit(m, m.metadata.src_node_id, "from_site")
+        return replies
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        ids = {i for i in self.push_messages(messages) if i}
+        deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+        out = []
+        while ids and time.monotonic() < deadline:
+            for reply in self.pull_messages(list(ids)):
+                ids.discard(reply.metadata.reply_to_message_id)
+                out.append(reply)
+            if ids:
+                time.sleep(_POLL_S)
+        return out
+
+
+def _secagg_strategy_base() -> type:
+    from flwr.server.strategy import Strategy as LegacyStrategy
+
+    return LegacyStrategy
+
+
+class _SecAggStrategy(_secagg_strategy_base()):  # type: ignore[misc]
+    """The legacy-strategy face the SecAgg+ workflow needs: it hands out the fedrecon
+    strategy's instructions and keeps the securely aggregated result."""
+
+    def __init__(self, fit_ins: list[tuple[Any, Any]]) -> None:
+        self.fit_ins = fit_ins
+        self.results: list[tuple[Any, Any]] = []
+
+    def initialize_parameters(self, client_manager: Any) -> None:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        return self.fit_ins
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        self.results = list(results)
+        return (self.results[0][1].parameters if self.results else None), {}
+
+    def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Any) -> None:
+        return None
+
+
 server_app = ServerApp()
 
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    FlowerServer(grid, FlowerRunConfig.from_run_config(context.run_config)).run()
+    FlowerServer(grid, FlowerRunConfig.from_run_config(context.run_config), context).run()
 
 
 # -- client ----------------------------------------------------------------------------------
@@ -570,8 +705,48 @@ def site_fit(node: _NodeSite, msg: Message) -> SiteUpdate:
     return update
 
 
-@client_app.train()
+def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of the SecAgg+ workflow only."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _secure_fit(msg: Message, context: Context) -> Message:
+    """The SecAgg+ workflow's training step: Flower's FitIns/FitRes layout (a list of
+    arrays in the order of the GLOBAL names), which ``secaggplus_mod`` then masks."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+    from fedrecon.federated import SiteInstructions
+
+    node = _NodeSite(context)
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    cfg = fitins.config
+    if cfg["site-id"] != node.site.site_id:
+        raise ValueError(f"instructions for site '{cfg['site-id']}' reached site "
+                         f"'{node.site.site_id}'")
+    names = node.site.partition.names(node.site.model_factory(), Scope.GLOBAL)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    start = {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, arrays)}
+    node.restore_loader_rng()
+    t0 = time.perf_counter()
+    update = node.site.fit(SiteInstructions(int(cfg["round"]), node.site.site_id, start,
+                                            _plan_from_config(cfg)))
+    node.save_loader_rng()
+    metrics = {"site-id": update.site_id, "fit_seconds": time.perf_counter() - t0,
+               **{k: float(v) for k, v in update.metrics.items()}}
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+        [update.tensors[n].numpy() for n in names]), update.num_examples, metrics)
+    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+@client_app.train(mods=[_secagg_when_asked])
 def _train(msg: Message, context: Context) -> Message:
+    if "plan" not in msg.content:
+        return _secure_fit(msg, context)
     update = site_fit(_NodeSite(context), msg)  # make_update inside: GLOBAL tensors only
     meta = ConfigRecord({"site-id": update.site_id, "round": update.round, "kind": update.kind,
                          "num-examples": update.num_examples})

@@ -104,8 +104,7 @@ class Federation:
 
     def start_superlink(self) -> None:
         proc = self._start("superlink", superlink_command(
-            port=self.port, tls=self.tls, supernode_auth=self.supernode_auth,
-            database=self.root / "superlink.db"))
+            port=self.port, tls=self.tls, supernode_auth=self.supernode_auth))
         wait_for_port(self.port, 60.0, proc)
 
     def start_site(self, name: str, site_toml: Path, auth_key: Path | None = None) -> None:
