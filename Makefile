@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=70.1"
 	if [ "$(TORCH_SPEC)" != "keep" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,flower]"
 	# fastMRI's own mask functions: an independent reference for the mask tests only
 	$(PY) -m pip install --quiet --no-deps "fastmri==0.3.0"
 	# real anatomy offline: the MNI152 template file inside nilearn's wheel (read with nibabel;

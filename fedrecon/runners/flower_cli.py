@@ -29,7 +29,7 @@ __all__ = ["APP_DIR", "TLSFiles", "flower_env", "register", "register_node_comma
            "wait_for_status", "write_connection"]
 
 #: The shipped Flower App (pyproject with [tool.flwr.app]); ``flwr run`` builds it.
-APP_DIR = Path(__file__).resolve().parent / "flower_app"
+APP_DIR = Path(__file__).resolve().parent / "flower-app"
 CONNECTION = "fedrecon"  # the name of the SuperLink connection fedrecon writes
 
 #: Environment for every Flower process: nothing leaves the federation.
