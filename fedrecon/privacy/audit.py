@@ -265,7 +265,12 @@ def run_audit_command(args: argparse.Namespace) -> int:
 
     from torch.utils.data import DataLoader
 
-    from fedrecon.datasets import CTAcquisition, CTSliceDataset, collate_ct_samples, write_phantom_volumes
+    from fedrecon.datasets import (
+        CTAcquisition,
+        CTSliceDataset,
+        collate_ct_samples,
+        write_phantom_volumes,
+    )
     from fedrecon.models import ModelConfig, build_model
 
     for name in ("size", "views", "iterations", "chans", "n_iter"):

@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from torch import Tensor
 
 __all__ = ["DPConfig", "PrivacyAccountant", "clip_update", "update_norm"]

@@ -15,7 +15,6 @@ from _common import make_ct_sites, write_ct_files
 
 from fedrecon.federated import STRATEGIES, FedAdam, FedAvg, SiteUpdate, make_strategy
 from fedrecon.privacy import (
-    DPConfig,
     PrivacyAccountant,
     PrivacyConfig,
     PrivacyConfigError,

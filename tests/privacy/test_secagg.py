@@ -98,7 +98,7 @@ def _setup(n: int = 5):
 
 
 def test_share_tampered_in_transit_fails_authentication():
-    vs, clients, server, routed = _setup()
+    _, clients, _, routed = _setup()
     bad = routed["s1"][0]
     routed["s1"][0] = dataclasses.replace(bad, ciphertext=bytes([bad.ciphertext[0] ^ 1]) + bad.ciphertext[1:])
     with pytest.raises(SecureAggregationError, match="failed authentication"):
@@ -129,7 +129,7 @@ def test_tampered_unmask_share_is_outvoted_or_abandons_the_round():
 
 
 def test_client_refuses_to_reveal_seed_and_key_of_one_site():
-    vs, clients, server, routed = _setup(4)
+    _, clients, _, routed = _setup(4)
     for k, c in clients.items():
         c.receive_shares(routed[k])
     with pytest.raises(SecureAggregationError, match="both"):
