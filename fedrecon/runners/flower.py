@@ -243,7 +243,8 @@ class FlowerServer:
         self.global_shapes = {k: own[k].shape for k in self.global_names}
         self._initial = {k: own[k].detach().clone() for k in self.global_names}
         self.sites: dict[str, _SiteInfo] = {}
-        self._described: set[int] = set()
+        self._asked: set[int] = set()
+        self._describing: dict[str, int] = {}  # open describe questions: message id -> node
         self._rng = np.random.default_rng(config.seed)
         self.completed_rounds = 0
         self._metrics = self.run_dir / "metrics.jsonl"
@@ -268,30 +269,41 @@ class FlowerServer:
 
     # -- sites ----------------------------------------------------------------------------
     def _discover(self, want: int, timeout: float) -> None:
-        """Describe every connected node not yet described, until ``want`` sites are known
-        or ``timeout`` seconds passed. A site that reappears under a new node id (a
-        restarted SuperNode) is mapped to its new id."""
+        """Ask every connected node not yet asked to describe itself, and take the answers
+        that came, until ``want`` sites are known or ``timeout`` seconds passed. Questions
+        stay open across calls, so a SuperNode that joins or restarts (a new node id) is
+        mapped to its site at the start of a later round."""
         deadline = time.monotonic() + timeout
         while True:
-            fresh = [n for n in self.grid.get_node_ids() if n not in self._described]
+            fresh = [n for n in self.grid.get_node_ids() if n not in self._asked]
             if fresh:
-                msgs = {n: Message(RecordDict(), dst_node_id=n, message_type="query.describe",
-                                   group_id="describe") for n in fresh}
-                left = max(deadline - time.monotonic(), 1.0)
-                for n, reply in self._exchange(msgs, min(left, 60.0), "describe").items():
-                    self._described.add(n)
-                    info = reply.content["site"]
-                    sid = str(info["site-id"])
-                    if info["modality"] != self.config.modality:
-                        raise ValueError(f"site '{sid}' (node {n}) is a {info['modality']} "
-                                         f"site; this run is {self.config.modality}")
-                    if sid in self.sites and self.sites[sid].node_id != n:
-                        log.info("site '%s' is back as node %d", sid, n)
-                    self.sites[sid] = _SiteInfo(n, int(info["num-examples"]),
-                                                list(info["protocol"]))
+                msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.describe",
+                                group_id="describe", ttl=self.config.connect_timeout + 3600.0)
+                        for n in fresh]
+                for n, m in zip(fresh, msgs):
+                    self._audit(m, n, "to_site")
+                for n, mid in zip(fresh, self.grid.push_messages(msgs)):
+                    self._asked.add(n)
+                    if mid:
+                        self._describing[mid] = n
+            if self._describing:
+                for reply in self.grid.pull_messages(list(self._describing)):
+                    n = self._describing.pop(reply.metadata.reply_to_message_id, None)
+                    if n is not None and not reply.has_error():
+                        self._audit(reply, n, "from_site")
+                        self._add_site(n, reply.content["site"])
             if len(self.sites) >= want or time.monotonic() >= deadline:
                 return
-            time.sleep(1.0)
+            time.sleep(_POLL_S)
+
+    def _add_site(self, node_id: int, info: Mapping[str, Any]) -> None:
+        sid = str(info["site-id"])
+        if info["modality"] != self.config.modality:
+            raise ValueError(f"site '{sid}' (node {node_id}) is a {info['modality']} site; "
+                             f"this run is {self.config.modality}")
+        if sid in self.sites and self.sites[sid].node_id != node_id:
+            log.info("site '%s' is back as node %d", sid, node_id)
+        self.sites[sid] = _SiteInfo(node_id, int(info["num-examples"]), list(info["protocol"]))
 
     def _start_fresh(self) -> None:
         if self._ckpt.exists():
@@ -342,7 +354,7 @@ class FlowerServer:
 
     def _run_round(self, r: int) -> None:
         t_round = time.perf_counter()
-        self._discover(0, 1.0)  # pick up restarted SuperNodes
+        self._discover(0, 0.0)  # pick up SuperNodes that joined or restarted
         sampled = self._sample()
         instructions = self.strategy.configure(r, sampled)
         rows = {sid: {k: None for k in RECORD_FIELDS} | {
@@ -458,7 +470,10 @@ class FlowerServer:
             {WorkflowKey.CURRENT_ROUND: r})
         legacy.state.array_records[MAIN_PARAMS_RECORD] = state_to_arrays(
             self.strategy._require_state().global_state)
-        kw = dict(num_shares=1.0, reconstruction_threshold=1.0)
+        # max_weight: the largest example count, so the weights w/max_weight are <= 1 but not
+        # tiny (Flower quantizes w/max_weight * params: its default 1000 costs ~1e-3 precision)
+        largest = max((self.sites[s].num_examples for s in fit_ins), default=1)
+        kw = dict(num_shares=1.0, reconstruction_threshold=1.0, max_weight=float(max(largest, 1)))
         kw.update(self.config.secagg_kwargs)
         workflow = SecAggPlusWorkflow(**kw, timeout=self.config.round_timeout)
         workflow(_AuditedGrid(self.grid, self), legacy)

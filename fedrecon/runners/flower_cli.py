@@ -155,8 +155,10 @@ def run_command(run_config: Mapping[str, Any] | None = None, *,
     """``flwr run`` of the fedrecon app with run-config overrides (``{"run-dir": ...,
     "strategy.local-steps": 2}``)."""
     cmd = [_bin("flwr"), "run", str(app_dir), connection]
-    for key, value in (run_config or {}).items():
-        cmd += ["-c", toml_override(key, value)]
+    if run_config:
+        # one -c for all keys: flwr 1.42 parses each -c as its own TOML document and merges
+        # them at the top level, so a second -c 'model.x=..' would drop the first 'model.y=..'
+        cmd += ["-c", " ".join(toml_override(k, v) for k, v in run_config.items())]
     return cmd
 
 
@@ -299,3 +301,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=24 * 3600.0)
     p.add_argument("--flwr-home", default=None)
     p.set_defaults(func=_cmd_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedrecon.runners.flower_cli <flower-server|flower-site|...>`` (the same
+    subcommands as ``fedrecon``'s CLI)."""
+    parser = argparse.ArgumentParser(prog="python -m fedrecon.runners.flower_cli",
+                                     description=__doc__.split("\n\n")[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

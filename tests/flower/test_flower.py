@@ -41,6 +41,8 @@ def flower_run(tmp_path_factory):
 def test_run_writes_metrics_and_checkpoints(flower_run):
     assert flower_run["status"]["state"] == "finished", flower_run["status"]
     run_dir = flower_run["run_dir"]
+    used = json.loads((run_dir / "config.json").read_text())  # the overrides reached the run
+    assert used["model"]["chans"] == 4 and used["strategy_kwargs"]["local_steps"] == 2
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["completed_rounds"] == 2 and ckpt["site_ids"] == ["ct0", "ct1"]
     records = read_metrics(run_dir)

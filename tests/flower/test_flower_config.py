@@ -1,0 +1,99 @@
+"""The pieces of a Flower deployment that need no processes: run config parsing, the
+``flwr run`` overrides, site configuration files, certificates, the shipped app."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedrecon.datasets import ConfigError
+from fedrecon.runners.flower import FlowerRunConfig, arrays_to_state, state_to_arrays
+from fedrecon.runners.flower_cli import APP_DIR, run_command, supernode_command
+from fedrecon.runners.site_config import load_site_config, site_config_to_toml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _federation import RUN_CONFIG, write_ct_site  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_app_config_parses_and_validates():
+    from flwr.common.config import flatten_dict, validate_config
+
+    doc = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(doc, check_module=True, project_dir=APP_DIR)
+    assert ok, errors
+    cfg = FlowerRunConfig.from_run_config(flatten_dict(doc["tool"]["flwr"]["app"]["config"]))
+    assert cfg.strategy_name == "fedavg" and cfg.build_strategy().name == "fedavg"
+
+
+def test_run_config_is_strict():
+    with pytest.raises(ValueError, match="unknown key 'num-rounds'"):
+        FlowerRunConfig.from_run_config({"num-rounds": 3})
+    with pytest.raises(ValueError, match="'min-sites' must be int"):
+        FlowerRunConfig.from_run_config({"min-sites": "2"})
+    with pytest.raises(ValueError, match="chanz"):
+        FlowerRunConfig.from_run_config({"model.chanz": 3})
+
+
+def test_all_overrides_reach_the_run():
+    # flwr merges separate -c documents at the top level: one -c carries every key
+    from flwr.common.config import parse_config_args
+
+    cmd = run_command({**RUN_CONFIG, "run-dir": "/tmp/a b/run"})
+    assert cmd.count("-c") == 1
+    parsed = parse_config_args([cmd[cmd.index("-c") + 1]])
+    assert parsed == {**RUN_CONFIG, "run-dir": "/tmp/a b/run"}
+    assert FlowerRunConfig.from_run_config(parsed).model.chans == 4
+
+
+def test_arrays_keep_names_and_values():
+    import torch
+
+    state = {"a.weight": torch.randn(3, 2), "b.bias": torch.arange(4, dtype=torch.int64)}
+    back = arrays_to_state(state_to_arrays(state))
+    assert list(back) == list(state)
+    for k in state:
+        assert torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype
+
+
+def test_site_config_round_trip_and_errors(tmp_path):
+    cfg = write_ct_site(tmp_path, 0)
+    path = tmp_path / "site.toml"
+    path.write_text(site_config_to_toml(cfg))
+    assert load_site_config(path) == cfg
+    cmd = supernode_command(superlink="127.0.0.1:1", site_config=path, port=2)
+    assert f'site-config="{path.resolve()}"' in cmd
+    path.write_text(site_config_to_toml(cfg).replace("state_dir", "state_folder"))
+    with pytest.raises(ConfigError, match="unknown key 'state_folder'"):
+        load_site_config(path)
+
+
+def test_certificates_chain_and_node_keys(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    spec = importlib.util.spec_from_file_location("make_certificates",
+                                                  ROOT / "scripts" / "make_certificates.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = module.make_certificates(tmp_path, sans=["superlink.example.org"], nodes=["a"])
+    ca = x509.load_pem_x509_certificate(paths["ca.crt"].read_bytes())
+    server = x509.load_pem_x509_certificate(paths["server.pem"].read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "superlink.example.org"} <= set(san.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    key = load_ssh_private_key(paths["nodes/a"].read_bytes(), None)
+    pub = load_ssh_public_key(paths["nodes/a.pub"].read_bytes())
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(pub, ec.EllipticCurvePublicKey)
+    assert key.public_key().public_numbers() == pub.public_numbers()
+    assert paths["ca.key"].stat().st_mode & 0o077 == 0
