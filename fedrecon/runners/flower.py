@@ -30,7 +30,9 @@ trail: a test proves from it that no LOCAL tensor ever travelled).
 
 The ClientApp builds its site from the SuperNode's ``--node-config site-config=<file>``
 (:mod:`fedrecon.runners.site_config`) and the run's model settings. Flower starts one
-ClientApp process per message, so everything a site keeps between rounds lives on the
+ClientApp process per message, and its ``Context.state`` lives in the SuperNode's memory for
+one run only (SecAgg+ keeps its per-round protocol state there); LOCAL state must outlive a
+SuperNode restart and the run, so everything a site keeps between rounds lives on the
 site's own disk under its ``state_dir``: LOCAL tensors in a
 :class:`~fedrecon.federated.DiskStore` and the training loader's RNG state. A SuperNode
 that is restarted continues where it stopped (the server maps a site's new node id to its
@@ -83,8 +85,14 @@ from .checkpoint import loader_generators
 from .simulation import RECORD_FIELDS, RoundFailed, _clean
 from .site_config import build_site, load_site_config, model_factory
 
-__all__ = ["FlowerRunConfig", "FlowerServer", "client_app", "server_app",
-           "state_to_arrays", "arrays_to_state"]
+__all__ = [
+    "FlowerRunConfig",
+    "FlowerServer",
+    "arrays_to_state",
+    "client_app",
+    "server_app",
+    "state_to_arrays",
+]
 
 log = logging.getLogger(__name__)
 
@@ -412,9 +420,9 @@ class FlowerServer:
                                  f"'{update.site_id}', round {update.round}")
             check_update(update, self.global_names, self.global_shapes)
             updates.append(update)
-            answered[sid] = dict(num_examples=update.num_examples,
-                                 loss=update.metrics.get("loss"), bytes_sent=update.nbytes,
-                                 fit_seconds=update.metrics.get("fit_seconds"))
+            answered[sid] = {"num_examples": update.num_examples,
+                             "loss": update.metrics.get("loss"), "bytes_sent": update.nbytes,
+                             "fit_seconds": update.metrics.get("fit_seconds")}
         return updates, answered
 
     def _evaluate(self, r: int, state: ServerState) -> dict[str, dict[str, Any]]:
@@ -432,9 +440,9 @@ class FlowerServer:
         for sid, info in self.sites.items():
             if info.node_id in replies:
                 m = replies[info.node_id].content["metrics"]
-                out[sid] = dict(psnr=float(m["psnr"]), ssim=float(m["ssim"]),
-                                nmse=float(m["nmse"]), eval_split=split,
-                                eval_seconds=float(m["eval_seconds"]))
+                out[sid] = {"psnr": float(m["psnr"]), "ssim": float(m["ssim"]),
+                            "nmse": float(m["nmse"]), "eval_split": split,
+                            "eval_seconds": float(m["eval_seconds"])}
         return out
 
     # -- secure aggregation -------------------------------------------------------------------
@@ -473,7 +481,8 @@ class FlowerServer:
         # max_weight: the largest example count, so the weights w/max_weight are <= 1 but not
         # tiny (Flower quantizes w/max_weight * params: its default 1000 costs ~1e-3 precision)
         largest = max((self.sites[s].num_examples for s in fit_ins), default=1)
-        kw = dict(num_shares=1.0, reconstruction_threshold=1.0, max_weight=float(max(largest, 1)))
+        kw = {"num_shares": 1.0, "reconstruction_threshold": 1.0,
+              "max_weight": float(max(largest, 1))}
         kw.update(self.config.secagg_kwargs)
         workflow = SecAggPlusWorkflow(**kw, timeout=self.config.round_timeout)
         workflow(_AuditedGrid(self.grid, self), legacy)
@@ -487,9 +496,9 @@ class FlowerServer:
         for _, res in adapter.results:
             sid = str(res.metrics["site-id"])
             total += res.num_examples
-            answered[sid] = dict(num_examples=res.num_examples, loss=res.metrics.get("loss"),
-                                 bytes_sent=state_nbytes(tensors),
-                                 fit_seconds=res.metrics.get("fit_seconds"))
+            answered[sid] = {"num_examples": res.num_examples, "loss": res.metrics.get("loss"),
+                             "bytes_sent": state_nbytes(tensors),
+                             "fit_seconds": res.metrics.get("fit_seconds")}
         kind = next(iter(instructions.values())).plan.send
         update = SiteUpdate("secure-aggregate", r, tensors, kind, total)
         check_update(update, self.global_names, self.global_shapes)
@@ -735,6 +744,7 @@ def _secure_fit(msg: Message, context: Context) -> Message:
     arrays in the order of the GLOBAL names), which ``secaggplus_mod`` then masks."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
+
     from fedrecon.federated import SiteInstructions
 
     node = _NodeSite(context)

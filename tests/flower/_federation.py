@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrecon.datasets import CTAcquisition, DataSource, SiteSpec, write_phantom_volumes
+
 from fedrecon.runners.flower_cli import (
     TLSFiles,
     flower_env,
@@ -95,10 +96,9 @@ class Federation:
         return f"127.0.0.1:{self.port}"
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=self.root)
-        log.close()
+        with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=self.root)
         self.procs[name] = proc
         return proc
 
@@ -114,7 +114,7 @@ class Federation:
 
     def flwr(self, cmd: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
 
     def register(self, public_key: Path) -> subprocess.CompletedProcess:
         return self.flwr(register_node_command(public_key))

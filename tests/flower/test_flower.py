@@ -18,7 +18,7 @@ from fedrecon.runners.flower import FlowerRunConfig
 from fedrecon.runners.site_config import build_site, model_factory, with_runtime
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _federation import RUN_CONFIG, federation  # noqa: E402
+from _federation import RUN_CONFIG, federation
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from fedrecon.datasets import ConfigError
+
 from fedrecon.runners.flower import FlowerRunConfig, arrays_to_state, state_to_arrays
 from fedrecon.runners.flower_cli import APP_DIR, run_command, supernode_command
 from fedrecon.runners.site_config import load_site_config, site_config_to_toml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _federation import RUN_CONFIG, write_ct_site  # noqa: E402
+from _federation import RUN_CONFIG, write_ct_site
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,8 +57,8 @@ def test_arrays_keep_names_and_values():
     state = {"a.weight": torch.randn(3, 2), "b.bias": torch.arange(4, dtype=torch.int64)}
     back = arrays_to_state(state_to_arrays(state))
     assert list(back) == list(state)
-    for k in state:
-        assert torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype
+    for k, v in state.items():
+        assert torch.equal(back[k], v) and back[k].dtype == v.dtype
 
 
 def test_site_config_round_trip_and_errors(tmp_path):

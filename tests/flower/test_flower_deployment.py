@@ -19,7 +19,7 @@ from fedrecon.runners.flower_cli import TLSFiles, run_command, wait_for_status
 from fedrecon.runners.site_config import site_config_to_toml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _federation import RUN_CONFIG, Federation, federation, write_ct_site  # noqa: E402
+from _federation import RUN_CONFIG, Federation, federation, write_ct_site
 
 ROOT = Path(__file__).resolve().parents[2]
 
