@@ -141,6 +141,11 @@ class Federation:
             os.killpg(proc.pid, signal.SIGKILL)
 
     def stop(self) -> None:
+        """SIGTERM every process group at once (graceful shutdowns overlap), then
+        :meth:`kill` each: what did not exit gets SIGKILL."""
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
 
