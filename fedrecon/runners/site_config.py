@@ -30,11 +30,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
