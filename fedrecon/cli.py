@@ -174,6 +174,8 @@ def _restore(run: Path) -> tuple[Any, Any, dict[str, Any]]:
     else:
         for sid, site in runner.sites.items():
             models[sid] = site.evaluation_model(state.for_site(sid))
+        if exp.held_out is not None:
+            models[exp.held_out.site_id] = exp.held_out.evaluation_model(exp.held_out_state(state))
     return cfg, exp, models
 
 
@@ -207,10 +209,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             name = f"{name}@{run.name}"
         restored[name] = (run, cfg, exp, models)
     first_cfg, first_exp = next(iter(restored.values()))[1:3]
-    site_ids = [s.site_id for s in first_exp.sites]
+    site_ids = [s.site_id for s in first_exp.all_sites]
     for name, (run, cfg, exp, _) in restored.items():
-        if [s.site_id for s in exp.sites] != site_ids:
-            raise CLIError(f"--run {run}: its sites {[s.site_id for s in exp.sites]} differ "
+        if [s.site_id for s in exp.all_sites] != site_ids:
+            raise CLIError(f"--run {run}: its sites {[s.site_id for s in exp.all_sites]} differ "
                            f"from {site_ids}; runs compared together need the same sites")
     modality = first_cfg.modality
     if args.baselines is None:
@@ -226,7 +228,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     chosen: dict[str, str] = {}
     with staged_output(Path(args.out), overwrite=args.overwrite) as stage:
         (stage / "figures").mkdir()
-        for k, site in enumerate(first_exp.sites):
+        for k, site in enumerate(first_exp.all_sites):
             loader = {"val": site.val_loader, "test": site.test_loader,
                       "train": site.train_loader}[split]
             if loader is None:
@@ -267,7 +269,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_report(stage, title=args.title or "fedrecon evaluation",
                      runs={n: r[0] for n, r in restored.items()}, split=split, table_md=table,
                      figures=figures, curves="figures/curves.png" if curves else None,
-                     baselines=base_desc)
+                     baselines=base_desc,
+                     notes=[f"Leave-one-site-out: `{first_cfg.held_out}` never trained; it "
+                            f"reconstructs with the consensus prior and initial DC layers.", ""]
+                     if first_cfg.held_out else [])
     print(table)
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0

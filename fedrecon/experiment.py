@@ -109,6 +109,10 @@ class RunConfig:
         MRI: ``"espirit"`` coil maps estimated from each volume's ACS lines.
     data_root
         Where synthetic sites are written (default: ``<run>/data``).
+    held_out
+        Leave-one-site-out: this site never trains; it is evaluated every round with the
+        consensus prior (or, for the hypernetwork, the prior generated from its protocol)
+        and its DC layers at their initial values, the way a new hospital would join.
     strategy, model, privacy
         The ``[strategy]`` table (``name`` and the strategy's keyword arguments), the
         ``[model]`` table (:class:`~fedrecon.models.ModelConfig`) and the ``[privacy]`` table.
@@ -131,6 +135,7 @@ class RunConfig:
     device: str = "cpu"
     coil_maps: str = "espirit"
     data_root: Path | None = None
+    held_out: str | None = None
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "partial"})
     model: ModelConfig = field(default_factory=ModelConfig)
     privacy: dict[str, Any] = field(default_factory=dict)
@@ -150,6 +155,7 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "lr": (float, int), "batch_size": (int,), "loss": (str,), "grad_clip": (float, int),
     "fraction": (float, int), "min_sites": (int,), "drop_prob": (float, int), "retries": (int,),
     "eval_every": (int,), "device": (str,), "coil_maps": (str,), "data_root": (str,),
+    "held_out": (str,),
 }
 _TABLES = ("sites", "strategy", "model", "privacy")
 
@@ -253,9 +259,18 @@ def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,
     if len(modalities) > 1:
         raise ConfigError(f"{where}: all sites must share one modality (one network serves "
                           f"them); got {sorted(modalities)}")
-    if kw.get("min_sites", 1) > len(entries):
+    held = kw.get("held_out")
+    if held is not None:
+        if held not in names:
+            close = difflib.get_close_matches(held, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: key 'held_out' names no site: {held!r}{hint}")
+        if len(entries) < 2:
+            raise ConfigError(f"{where}: key 'held_out' needs at least two sites")
+    n_training = len(entries) - (held is not None)
+    if kw.get("min_sites", 1) > n_training:
         raise ConfigError(f"{where}: key 'min_sites' ({kw['min_sites']}) exceeds the number of "
-                          f"sites ({len(entries)})")
+                          f"training sites ({n_training})")
 
     strategy = doc.get("strategy", {"name": "partial"})
     if not isinstance(strategy, Mapping) or not isinstance(strategy.get("name"), str):
@@ -308,6 +323,9 @@ def _check_strategy(strategy: dict[str, Any], where: str) -> None:
 
 
 def _check_privacy(strategy: str, privacy: dict[str, Any], where: str) -> None:
+    if strategy in SPECIAL_STRATEGIES:
+        raise ConfigError(f"{where}: the '{strategy}' baseline pools the data; privacy "
+                          f"options do not apply to it")
     try:
         from fedrecon.privacy import check_privacy_compatibility
     except ImportError:
@@ -345,7 +363,7 @@ def config_to_toml(cfg: RunConfig) -> str:
     lines += ["", "[model]"]
     lines += [f"{k} = {toml_value(v)}" for k, v in dataclasses.asdict(cfg.model).items()]
     if cfg.privacy:
-        lines += ["", "[privacy]"] + [f"{k} = {toml_value(v)}" for k, v in cfg.privacy.items()]
+        lines += _toml_table("privacy", cfg.privacy)
     for entry in cfg.sites:
         d = entry.spec.to_dict()
         lines += ["", "[[sites]]", f"name = {toml_value(entry.name)}",
@@ -359,6 +377,15 @@ def config_to_toml(cfg: RunConfig) -> str:
         lines.append("[sites.acquisition]")
         lines += [f"{k} = {toml_value(v)}" for k, v in d["acquisition"].items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def _toml_table(name: str, table: Mapping[str, Any]) -> list[str]:
+    lines = ["", f"[{name}]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, Mapping)]
+    for k, v in table.items():
+        if isinstance(v, Mapping):
+            lines += _toml_table(f"{name}.{k}", v)
+    return lines
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -442,9 +469,34 @@ class Experiment:
     """Everything a run needs, built from a :class:`RunConfig`."""
 
     config: RunConfig
-    sites: list[Any]  # fedrecon.federated.Site
+    sites: list[Any]  # fedrecon.federated.Site (the training sites)
     strategy: Any  # fedrecon.federated.Strategy (for "centralized": the pooled FedAvg)
     model_config: ModelConfig
+    held_out: Any = None  # the leave-one-site-out Site, never trained
+
+    @property
+    def all_sites(self) -> list[Any]:
+        return self.sites + ([self.held_out] if self.held_out is not None else [])
+
+    def held_out_state(self, state: Any) -> Any:
+        """The GLOBAL state the held-out site reconstructs with."""
+        new_site = getattr(self.strategy, "state_for_new_site", None)
+        if new_site is not None and getattr(self.strategy, "embeddings", None) is None:
+            return new_site(self.held_out.protocol)
+        if new_site is not None:
+            return new_site()
+        return state.global_state
+
+    def evaluators(self) -> dict[str, Any] | None:
+        if self.held_out is None:
+            return None
+        out: dict[str, Any] = {
+            s.site_id: (lambda state, split, s=s: s.evaluate(state.for_site(s.site_id),
+                                                             split=split))
+            for s in self.sites}
+        out[self.held_out.site_id] = lambda state, split: self.held_out.evaluate(
+            self.held_out_state(state), split=split)
+        return out
 
     def runner(self, run_dir: Path, *, resume: bool = False, progress: bool = True,
                rounds: int | None = None) -> Any:
@@ -455,17 +507,22 @@ class Experiment:
                                   "drop_prob": cfg.drop_prob, "eval_every": cfg.eval_every,
                                   "retries": cfg.retries, "progress": progress}
         if cfg.privacy:
-            kw["privacy"] = cfg.privacy
+            from fedrecon.privacy import UpdatePipeline
+
+            kw["privacy"] = UpdatePipeline(cfg.privacy, seed=cfg.seed)
         if cfg.strategy_name == "centralized":
-            kw.pop("privacy", None)
+            if self.held_out is not None:
+                raise ConfigError("config: 'held_out' is not supported with the centralized "
+                                  "baseline")
             return centralized_runner(self.sites, rounds=rounds or cfg.rounds, run_dir=run_dir,
                                       local_steps=self.strategy.local_steps, lr=cfg.lr,
                                       resume=resume, **kw)
         if resume:
             return SimulationRunner.resume(run_dir, self.sites, self.strategy, rounds=rounds,
-                                           progress=progress)
+                                           progress=progress, evaluators=self.evaluators(),
+                                           privacy=kw.get("privacy"))
         return SimulationRunner(self.sites, self.strategy, rounds=cfg.rounds, run_dir=run_dir,
-                                **kw)
+                                evaluators=self.evaluators(), **kw)
 
 
 def _model_factory(model_cfg: ModelConfig, complex_images: bool, seed: int):
@@ -507,7 +564,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
                                 collate_fn=collate, generator=gen),
             **{s: DataLoader(ds[s], batch_size=max(cfg.batch_size, 8), collate_fn=collate)
                if ds[s] is not None else None for s in ("val", "test")}}
-    steps = _local_steps(cfg, [ld["train"] for ld in loaders.values()])
+    steps = _local_steps(cfg, [ld["train"] for n, ld in loaders.items() if n != cfg.held_out])
 
     kwargs = {k: v for k, v in cfg.strategy.items() if k != "name"}
     name = cfg.strategy_name
@@ -539,7 +596,9 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         missing = [s.site_id for s in sites if s.val_loader is None]
         raise ConfigError(f"sites {missing} have no val data; the runner evaluates on 'val' "
                           f"every {cfg.eval_every} round(s)")
-    return Experiment(cfg, sites, strategy, model_cfg)
+    held = next((s for s in sites if s.site_id == cfg.held_out), None)
+    training = [s for s in sites if s is not held]
+    return Experiment(cfg, training, strategy, model_cfg, held)
 
 
 def prepare_run_dir(out: Path) -> None:

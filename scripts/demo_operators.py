@@ -5,7 +5,7 @@ CT: parallel- and fan-beam FBP, and sparse-view (45 views) FBP vs TV.
 MRI: 8-coil SENSE with a 4x random Cartesian mask: zero-filled adjoint, CG-SENSE, TV.
 Writes ``OUT/operators_demo.png`` and ``OUT/metrics.csv``; prints a PSNR/SSIM table.
 
-    python scripts/demo.py --out runs/demo [--size 128]
+    python scripts/demo_operators.py --out runs/operators_demo [--size 128]
 """
 
 from __future__ import annotations
