@@ -270,8 +270,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      runs={n: r[0] for n, r in restored.items()}, split=split, table_md=table,
                      figures=figures, curves="figures/curves.png" if curves else None,
                      baselines=base_desc,
-                     notes=[f"Leave-one-site-out: `{first_cfg.held_out}` never trained; it "
-                            f"reconstructs with the consensus prior and initial DC layers.", ""]
+                     notes=[(f"Leave-one-site-out: `{first_cfg.held_out}` never trained; it "
+                             f"reconstructs with the consensus prior and initial DC layers."), ""]
                      if first_cfg.held_out else [])
     print(table)
     print(f"wrote {Path(args.out) / 'report.md'}")
