@@ -152,8 +152,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 # -- evaluate -----------------------------------------------------------------------------------
 def _restore(run: Path) -> tuple[Any, Any, dict[str, Any]]:
     """(config, experiment, site id -> model) of a finished or interrupted run."""
-    from .experiment import RUN_CONFIG_NAME, build_experiment, load_config
-    from .runners.baselines import POOLED_SITE_ID
+    from .experiment import RUN_CONFIG_NAME, build_experiment, load_config, site_models
 
     path = run / RUN_CONFIG_NAME
     if not path.is_file():
@@ -165,17 +164,7 @@ def _restore(run: Path) -> tuple[Any, Any, dict[str, Any]]:
     runner = exp.runner(run, resume=True, progress=False)
     if runner.completed_rounds == 0:
         raise CLIError(f"--run {run}: no round completed yet; nothing to evaluate")
-    state = runner.strategy._require_state()
-    models = {}
-    if cfg.strategy_name == "centralized":
-        pooled = runner.sites[POOLED_SITE_ID]
-        model = pooled.evaluation_model(state.for_site(POOLED_SITE_ID))
-        models = {s.site_id: model for s in exp.sites}
-    else:
-        for sid, site in runner.sites.items():
-            models[sid] = site.evaluation_model(state.for_site(sid))
-        if exp.held_out is not None:
-            models[exp.held_out.site_id] = exp.held_out.evaluation_model(exp.held_out_state(state))
+    models = site_models(exp, runner)
     return cfg, exp, models
 
 

@@ -525,6 +525,22 @@ class Experiment:
                                 evaluators=self.evaluators(), **kw)
 
 
+def site_models(exp: Experiment, runner: Any) -> dict[str, nn.Module]:
+    """``site id -> model`` each site reconstructs with after ``runner``'s last round: its
+    LOCAL state with its (personalized) GLOBAL state, its personal model (Ditto), the pooled
+    model (centralized), or the consensus prior for a held-out site."""
+    from fedrecon.runners.baselines import POOLED_SITE_ID
+
+    state = runner.strategy._require_state()
+    if exp.config.strategy_name == "centralized":
+        model = runner.sites[POOLED_SITE_ID].evaluation_model(state.for_site(POOLED_SITE_ID))
+        return {s.site_id: model for s in exp.sites}
+    models = {sid: site.evaluation_model(state.for_site(sid)) for sid, site in runner.sites.items()}
+    if exp.held_out is not None:
+        models[exp.held_out.site_id] = exp.held_out.evaluation_model(exp.held_out_state(state))
+    return models
+
+
 def _model_factory(model_cfg: ModelConfig, complex_images: bool, seed: int):
     def factory() -> nn.Module:
         # every site starts from the same weights without touching the global RNG
