@@ -56,8 +56,14 @@ def ct_demo(n: int) -> list[tuple[str, str, torch.Tensor]]:
 
 
 def mri_demo(n: int) -> list[tuple[str, str, torch.Tensor]]:
-    from fedrecon.operators import (MultiCoilMRI, RandomMask, birdcage_maps, cg_sense, shepp_logan,
-                                    tv_reconstruction)
+    from fedrecon.operators import (
+        MultiCoilMRI,
+        RandomMask,
+        birdcage_maps,
+        cg_sense,
+        shepp_logan,
+        tv_reconstruction,
+    )
 
     gen = torch.Generator().manual_seed(0)
     mag = shepp_logan(n)

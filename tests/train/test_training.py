@@ -117,8 +117,6 @@ MRI_MARGIN_DB, MRI_MARGIN_SSIM = 0.3, 0.005
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open (#4): measured at 64 px, 2 seeds: PSNR ties CG-SENSE "
-                   "(28.18 vs 28.26 dB) but SSIM trails (0.919 vs 0.932)", strict=False)
 def test_mri_training_beats_zero_filled_and_cg_sense(tmp_path: Path) -> None:
     """Issue #4: 48 px real anatomy, 4 coils, 4x equispaced; MoDL-style net trained for a
     few CPU minutes beats zero-filled and CG-SENSE (at its best weight on the training set)
