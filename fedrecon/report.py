@@ -141,8 +141,8 @@ def figure_grid(path: Path, site: str, target: np.ndarray, images: Mapping[str, 
 
 
 def training_curves(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> bool:
-    """PSNR and SSIM over rounds per site (one line style per run); ``False`` when the runs
-    have no evaluation records."""
+    """PSNR and SSIM over rounds: one colour per site, one line style per run; ``False`` when
+    the runs have no evaluation records."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,6 +150,8 @@ def training_curves(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]])
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     styles = ["-", "--", ":", "-."]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    site_color: dict[str, str] = {}
     drawn = False
     for i, (method, records) in enumerate(runs.items()):
         by_site: dict[str, list[tuple[int, float, float]]] = {}
@@ -160,9 +162,10 @@ def training_curves(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]])
         for site, pts in sorted(by_site.items()):
             pts.sort()
             x = [p[0] for p in pts]
-            axes[0].plot(x, [p[1] for p in pts], styles[i % 4], marker="o", ms=3,
+            color = site_color.setdefault(site, colors[len(site_color) % len(colors)])
+            axes[0].plot(x, [p[1] for p in pts], styles[i % 4], color=color, marker="o", ms=3,
                          label=f"{method}: {site}")
-            axes[1].plot(x, [p[2] for p in pts], styles[i % 4], marker="o", ms=3)
+            axes[1].plot(x, [p[2] for p in pts], styles[i % 4], color=color, marker="o", ms=3)
             drawn = True
     if drawn:
         axes[0].set(xlabel="round", ylabel="PSNR (dB)", title="validation PSNR per site")
