@@ -212,12 +212,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         wanted = list(args.baselines)
     split = args.data_split
     device = first_exp.sites[0].device
+    eval_sites = first_exp.all_sites
+    if args.data is not None:  # the site's model on other fastMRI-layout / CT files
+        eval_sites = [_external_site(first_cfg, first_exp, args)]
+        split = "test"
     metrics = ["psnr", "ssim", "nmse"] + (["psnr_hu", "ssim_hu"] if modality == "ct" else [])
     rows, volume_rows, figures = [], [], []
     chosen: dict[str, str] = {}
     with staged_output(Path(args.out), overwrite=args.overwrite) as stage:
         (stage / "figures").mkdir()
-        for k, site in enumerate(first_exp.all_sites):
+        for k, site in enumerate(eval_sites):
             loader = {"val": site.val_loader, "test": site.test_loader,
                       "train": site.train_loader}[split]
             if loader is None:
@@ -253,7 +257,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table = write_tables(stage, rows, volume_rows, metrics)
         curves = training_curves(stage / "figures" / "curves.png", {
             name: read_jsonl(run / "metrics.jsonl") for name, (run, *_) in restored.items()})
-        base_desc = {b: "; ".join(f"{sid}: {chosen[f'{b}@{sid}']}" for sid in site_ids)
+        base_desc = {b: "; ".join(f"{s.site_id}: {chosen[f'{b}@{s.site_id}']}" for s in eval_sites)
                      for b in wanted}
         write_report(stage, title=args.title or "fedrecon evaluation",
                      runs={n: r[0] for n, r in restored.items()}, split=split, table_md=table,
@@ -265,6 +269,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(table)
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _external_site(cfg: Any, exp: Any, args: argparse.Namespace) -> Any:
+    """A copy of site ``--site`` whose test split is the ``.h5`` files of ``--data``."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from fedrecon.datasets import collate_ct_samples, collate_mri_samples
+    from fedrecon.datasets.site_simulation import make_site_dataset, site_seed
+
+    names = [s.site_id for s in exp.all_sites]
+    if args.site is None and len(names) > 1:
+        raise CLIError(f"--data needs --site (one of {names}): whose model and acquisition")
+    name = args.site or names[0]
+    if name not in names:
+        raise CLIError(f"--site {name!r}: the run has sites {names}")
+    folder = Path(args.data)
+    files = sorted(p for p in folder.glob("*.h5") if p.is_file()) if folder.is_dir() else []
+    if not files:
+        raise CLIError(f"--data {folder}: no .h5 files there")
+    entry = next(e for e in cfg.sites if e.name == name)
+    maps = cfg.coil_maps if entry.spec.modality == "mri" else None
+    data = make_site_dataset(entry.spec, files, site_seed(cfg.seed, name), maps)
+    collate = collate_mri_samples if entry.spec.modality == "mri" else collate_ct_samples
+    site = copy.copy(next(s for s in exp.all_sites if s.site_id == name))
+    site.test_loader = DataLoader(data, batch_size=8, collate_fn=collate)
+    return site
 
 
 # -- bench ------------------------------------------------------------------------------------
@@ -322,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "sense tv for MRI, fbp tv for CT)")
     s.add_argument("--label", nargs="*", default=None, metavar="RUN_DIR=NAME",
                    help="method name of a run in the tables (default: its strategy)")
+    s.add_argument("--data", default=None, metavar="FOLDER",
+                   help="evaluate on the .h5 files of FOLDER instead of a split (with --site)")
+    s.add_argument("--site", default=None, help="with --data: the site whose model and "
+                   "acquisition are used")
     s.add_argument("--title", default=None)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--no-reconstructions", action="store_true",

@@ -503,6 +503,8 @@ class Experiment:
         from fedrecon.runners import SimulationRunner, centralized_runner
 
         cfg = self.config
+        for site in self.all_sites:
+            site.progress = progress
         kw: dict[str, Any] = {"seed": cfg.seed, "fraction": cfg.fraction, "min_sites": cfg.min_sites,
                                   "drop_prob": cfg.drop_prob, "eval_every": cfg.eval_every,
                                   "retries": cfg.retries, "progress": progress}

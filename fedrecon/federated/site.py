@@ -62,6 +62,8 @@ class Site:
         Where the LOCAL state lives between rounds (default: in memory).
     protocol
         The site's public protocol vector (acquisition parameters), or ``None``.
+    progress
+        Show a progress bar over the local steps of each round.
     """
 
     def __init__(self, site_id: str, *, model_factory: Callable[[], nn.Module],
@@ -70,7 +72,8 @@ class Site:
                  store: LocalStore | None = None, device: str | torch.device = "cpu",
                  op_factory: OpFactory | None = None, loss: str = "l1",
                  grad_clip: float | None = 1.0, seed: int = 0,
-                 protocol: Tensor | None = None, num_examples: int | None = None) -> None:
+                 protocol: Tensor | None = None, num_examples: int | None = None,
+                 progress: bool = False) -> None:
         self.site_id = site_id
         self.model_factory = model_factory
         self.train_loader = train_loader
@@ -84,6 +87,7 @@ class Site:
         self.grad_clip = grad_clip
         self.seed = seed
         self.protocol = protocol
+        self.progress = progress  # a tqdm bar over the local steps of each fit
         dataset = getattr(train_loader, "dataset", None)
         self.num_examples = num_examples if num_examples is not None else (
             len(dataset) if dataset is not None else 1)
@@ -139,7 +143,8 @@ class Site:
             try:
                 return train_local(net, self.train_loader, steps=steps, lr=plan.lr, loss=self.loss,
                                    op_factory=self.op_factory, grad_clip=self.grad_clip,
-                                   device=self.device, regularizer=regularizer)
+                                   device=self.device, regularizer=regularizer,
+                                   progress=self.progress)
             finally:
                 for n, p in net.named_parameters():
                     p.requires_grad_(flags[n])

@@ -213,3 +213,22 @@ def test_leave_one_site_out(tmp_path: Path) -> None:
     with open(out / "metrics.csv") as f:
         assert {r["site"] for r in csv.DictReader(f)} == {"north", "south"}
     assert "never trained" in (out / "report.md").read_text()
+
+
+def test_evaluate_on_an_external_folder(trained) -> None:
+    """`--data FOLDER --site NAME`: the site's model on other files (here: the other site's
+    test volumes, under this site's acquisition)."""
+    from fedrecon.experiment import load_config
+
+    root, run = trained
+    cfg = load_config(run / "config.toml")
+    folder = next(e for e in cfg.sites if e.name == "south").folders["test"]
+    out = root / "eval_external"
+    assert main(["--quiet", "evaluate", "--run", str(run), "--data", str(folder), "--site",
+                 "north", "--out", str(out), "--baselines", "fbp"]) == 0
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["site"], r["method"]) for r in rows} == {("north", "partial"), ("north", "fbp")}
+    assert main(["--quiet", "evaluate", "--run", str(run), "--data", str(root / "nowhere"),
+                 "--site", "north", "--out", str(root / "e2")]) == 2
+    assert not (root / "e2").exists()
