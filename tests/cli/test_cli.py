@@ -232,3 +232,26 @@ def test_evaluate_on_an_external_folder(trained) -> None:
     assert main(["--quiet", "evaluate", "--run", str(run), "--data", str(root / "nowhere"),
                  "--site", "north", "--out", str(root / "e2")]) == 2
     assert not (root / "e2").exists()
+
+
+def test_privacy_table_in_a_run(tmp_path: Path, capsys) -> None:
+    """[privacy] from the run config reaches the runner: secure aggregation + DP-FedAvg
+    records epsilon; an incompatible strategy is a config error (exit 2, no run folder)."""
+    import json
+
+    privacy = ("\n[privacy.secure_aggregation]\n[privacy.dp]\nclip_norm = 1.0\n"
+               "noise_multiplier = 0.5\n")
+    cfg = write_config(tmp_path / "dp.toml", rounds=1, strategy="fedavg")
+    cfg.write_text(cfg.read_text().replace("[[sites]]", privacy + "\n[[sites]]", 1))
+    run = tmp_path / "run"
+    assert main(["--quiet", "train", "--config", str(cfg), "--out", str(run)]) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    eps = {r["epsilon"] for r in records}
+    assert len(eps) == 1 and 0 < eps.pop() < float("inf")
+    assert "[privacy.dp]" in (run / "config.toml").read_text()
+
+    bad = write_config(tmp_path / "bad.toml", rounds=1, strategy="similarity")
+    bad.write_text(bad.read_text().replace("[[sites]]", privacy + "\n[[sites]]", 1))
+    assert main(["--quiet", "train", "--config", str(bad), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "similarity" in err and not (tmp_path / "r2").exists()
