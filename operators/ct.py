@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _matrix_cache
 from ._checks import as_image_size, check_positive, check_real, check_trailing_shape
 from .base import LinearOperator
 from .registry import register_operator
@@ -166,10 +167,16 @@ _CACHE_SIZE = 12
 _NORM_CACHE: dict[CTGeometry, float] = {}
 
 
-def clear_projector_cache() -> None:
-    """Drop every cached system matrix (they are rebuilt on the next call)."""
+def clear_projector_cache(*, disk: bool = False) -> None:
+    """Drop every system matrix cached in memory (they are reloaded or rebuilt on the next
+    call); with ``disk=True`` also delete the files of the on-disk cache."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _NORM_CACHE.clear()
+    folder = _matrix_cache.cache_dir()
+    if disk and folder is not None and folder.is_dir():
+        for f in folder.glob("*.pt"):
+            f.unlink(missing_ok=True)
 
 
 RowBuilder = Callable[[CTGeometry, torch.device], tuple[Tensor, Tensor, Tensor]]
@@ -177,17 +184,31 @@ RowBuilder = Callable[[CTGeometry, torch.device], tuple[Tensor, Tensor, Tensor]]
 
 def cached_sparse_pair(kind: str, geom: CTGeometry, build_rows: RowBuilder, shape: tuple[int, int],
                        dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """A sparse matrix ``(shape)`` and its transpose, built by ``build_rows`` and cached (LRU)
-    under ``(kind, geometry, dtype, device)``."""
+    """A sparse matrix ``(shape)`` and its transpose, built by ``build_rows`` and cached.
+
+    Two levels: in memory (LRU) under ``(kind, geometry, dtype, device)``, and on disk
+    (see ``_matrix_cache``: keyed by a hash of every geometry parameter, the dtype, the
+    builder's source and a format version; corrupted or mismatched files are rebuilt).
+    """
     key = (kind, geom, dtype, str(device))
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    build_device = device if device.type == "cuda" else torch.device("cpu")
-    crow, col, val = build_rows(geom, build_device)
-    mat = _csr(crow, col, val, shape, dtype).to(device)
-    mat_t = _csr(*_transpose_csr(crow, col, val, shape[1]), (shape[1], shape[0]), dtype).to(device)
+    path = _matrix_cache.cache_path(kind, geom, build_rows, shape, dtype)
+    disk_key = _matrix_cache.key_text(kind, geom, build_rows, shape, dtype) if path else ""
+    pair = _matrix_cache.load_pair(path, disk_key, shape, dtype) if path else None
+    if pair is not None:
+        mat, mat_t = (m.to(device) for m in pair)
+    else:
+        build_device = device if device.type == "cuda" else torch.device("cpu")
+        crow, col, val = build_rows(geom, build_device)
+        mat = _csr(crow, col, val, shape, dtype)
+        mat_t = _csr(*_transpose_csr(crow, col, val, shape[1]), (shape[1], shape[0]), dtype)
+        del crow, col, val
+        if path is not None:
+            _matrix_cache.save_pair(path, disk_key, mat, mat_t)
+        mat, mat_t = mat.to(device), mat_t.to(device)
     with _CACHE_LOCK:
         _CACHE[key] = (mat, mat_t)
         while len(_CACHE) > _CACHE_SIZE:
