@@ -28,6 +28,8 @@ class Role(str, enum.Enum):
     CONDITIONING = "conditioning"  # FiLM / hypernetwork outputs on the site's protocol
     ESTIMATOR = "estimator"  # coil-sensitivity estimation network
     ADAPTER = "adapter"  # input/output adapters (channel maps, heads)
+    PEFT = "peft"  # parameter-efficient tuning of a frozen prior (LoRA factors, tuned biases)
+    FROZEN = "frozen"  # pretrained weights no site trains (buffers loaded from a checkpoint)
 
 
 class Scope(str, enum.Enum):
@@ -99,7 +101,8 @@ class Partition:
     """Which roles stay at the site (``local``); every other role is ``GLOBAL``.
 
     The default keeps DC layers, conditioning and estimators local and shares the prior,
-    its normalization layers and adapters. FedBN: ``Partition.default().with_local(Role.NORM)``.
+    its normalization layers, adapters and PEFT tensors. ``FROZEN`` tensors are LOCAL
+    under every partition. FedBN: ``Partition.default().with_local(Role.NORM)``.
     """
 
     local: frozenset[Role] = field(default_factory=_default_local)
@@ -125,7 +128,9 @@ class Partition:
         return Partition(self.local | {Role(r) for r in roles})
 
     def scope(self, role: Role) -> Scope:
-        return Scope.LOCAL if role in self.local else Scope.GLOBAL
+        # FROZEN tensors are the same pretrained checkpoint at every site and never change:
+        # sending them would cost the full prior's bytes every round and carry nothing.
+        return Scope.LOCAL if role in self.local or role is Role.FROZEN else Scope.GLOBAL
 
     def names(self, model: nn.Module, scope: Scope) -> list[str]:
         """``state_dict`` keys of ``model`` in ``scope``, in state-dict order."""
@@ -138,7 +143,11 @@ class Partition:
         return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}
 
     def local_state(self, model: nn.Module) -> dict[str, Tensor]:
-        keep = set(self.names(model, Scope.LOCAL))
+        """Detached copies of the LOCAL tensors a site persists between rounds. FROZEN
+        tensors are left out: the model factory loads them from the pretrained checkpoint,
+        and storing them would cost a copy of the prior per site per round."""
+        roles = state_roles(model)
+        keep = {k for k in self.names(model, Scope.LOCAL) if roles[k] is not Role.FROZEN}
         return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}
 
     def load_global(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:

@@ -20,6 +20,7 @@ Files in ``run_dir``:
   flushed and fsynced before the checkpoint. :meth:`SimulationRunner.resume` truncates it
   to the committed length, so a redone round is never recorded twice.
 - ``config.json``: the runner's settings, for people.
+- ``communication.json``: bytes sent/received per site and in all (rewritten after ``run``).
 
 Resume guarantee: a run killed at any point (even mid-write) and resumed with sites and a
 strategy rebuilt from the same config ends with the same server state and the same
@@ -182,6 +183,11 @@ class SimulationRunner:
         secure aggregation, DP accounting), or ``None``: the plain path. With secure
         aggregation ``on_update`` sees nothing (the server holds no individual update); use
         the pipeline's ``on_secure_sum``.
+    compression
+        A :class:`fedrecon.efficient.UpdateCompressor` (top-k with error feedback, int8), or
+        ``None``. It runs after the privacy pipeline's site-side step; the server decodes
+        the bytes into a dense delta. With it, ``bytes_sent``/``bytes_received`` are the
+        serialized message sizes. Refuses secure aggregation.
     """
 
     def __init__(self, sites: Sequence[Site], strategy: Strategy, *, rounds: int,
@@ -190,7 +196,7 @@ class SimulationRunner:
                  eval_split: str = "val", retries: int = 0, progress: bool = True,
                  on_update: Callable[[SiteUpdate], None] | None = None,
                  evaluators: Mapping[str, Evaluator] | None = None,
-                 privacy: Any | None = None) -> None:
+                 privacy: Any | None = None, compression: Any | None = None) -> None:
         if not sites:
             raise ValueError("argument 'sites' is empty")
         ids = [s.site_id for s in sites]
@@ -211,6 +217,9 @@ class SimulationRunner:
         self.privacy = privacy  # fedrecon.privacy.UpdatePipeline (duck-typed: no upward import)
         if privacy is not None:
             privacy.check_strategy(strategy)
+        self.compression = compression  # fedrecon.efficient.UpdateCompressor (duck-typed)
+        if compression is not None:
+            compression.check_privacy(privacy)
         self.store = RoundStore(self.run_dir / "sites")
         self.evaluators: dict[str, Evaluator] = dict(evaluators) if evaluators is not None else {
             sid: self._site_evaluator(site) for sid, site in self.sites.items()}
@@ -247,6 +256,7 @@ class SimulationRunner:
         for r in bar:
             self._run_round(r)
         bar.close()
+        self._write_totals()
         return self.strategy._require_state()
 
     @classmethod
@@ -254,7 +264,7 @@ class SimulationRunner:
                rounds: int | None = None, progress: bool = True,
                on_update: Callable[[SiteUpdate], None] | None = None,
                evaluators: Mapping[str, Evaluator] | None = None,
-               privacy: Any | None = None) -> SimulationRunner:
+               privacy: Any | None = None, compression: Any | None = None) -> SimulationRunner:
         """Continue the run in ``run_dir`` from its last checkpoint.
 
         ``sites`` and ``strategy`` are rebuilt by the caller from the run's config; their
@@ -280,7 +290,7 @@ class SimulationRunner:
             config = dataclasses.replace(config, rounds=rounds)
         kw = dataclasses.asdict(config)
         runner = cls(sites, strategy, run_dir=run_dir, progress=progress, on_update=on_update,
-                     evaluators=evaluators, privacy=privacy, **kw)
+                     evaluators=evaluators, privacy=privacy, compression=compression, **kw)
         runner._restore(ckpt)
         return runner
 
@@ -368,6 +378,8 @@ class SimulationRunner:
         rows: dict[str, dict[str, Any]] = {}
         for sid in list(self.sites) + [e for e in self.evaluators if e not in self.sites]:
             received = state_nbytes(instructions[sid].global_state) if sid in instructions else 0
+            if self.compression is not None and sid in instructions:
+                received = self.compression.downlink_nbytes(instructions[sid])
             rows[sid] = {k: None for k in RECORD_FIELDS} | {
                 "round": r, "site": sid, "strategy": self.strategy.name,
                 "sampled": sid in instructions, "participated": False,
@@ -381,6 +393,10 @@ class SimulationRunner:
             if self.privacy is not None:  # --- privacy hook: site-side clip/noise ---
                 update = self.privacy.at_site(r, update, instructions[sid].global_state,
                                               n_sampled=len(sampled))
+            nbytes = update.nbytes
+            if self.compression is not None:  # --- compression hook: encode, wire, decode ---
+                update, nbytes = self.compression.transmit(
+                    r, update, instructions[sid].global_state, self.sites[sid].store)
             if self.on_update is not None and not (self.privacy and self.privacy.masks_updates):
                 self.on_update(update)
             if update.site_id != sid or update.round != r:
@@ -390,7 +406,7 @@ class SimulationRunner:
                 check_update(update, self._global_names, self._global_shapes)
             updates.append(update)
             rows[sid].update(participated=True, num_examples=update.num_examples,
-                             loss=update.metrics.get("loss"), bytes_sent=update.nbytes,
+                             loss=update.metrics.get("loss"), bytes_sent=nbytes,
                              fit_seconds=fit_s)
         if self.privacy is None:
             state = self.strategy.aggregate(r, updates, missing=dropped)
@@ -401,7 +417,8 @@ class SimulationRunner:
             for sid, reason in result.rejected.items():
                 rows[sid].update(participated=False, rejected=reason)
             for sid, nbytes in result.bytes_sent.items():
-                rows[sid]["bytes_sent"] = nbytes
+                if self.compression is None:  # compressed: the message size stands
+                    rows[sid]["bytes_sent"] = nbytes
             for row in rows.values():
                 row["epsilon"] = result.epsilon
         del updates, instructions
@@ -418,6 +435,23 @@ class SimulationRunner:
         self._write_records(rows.values())
         self._commit(r + 1)
         self._log_round(r, rows, len(sampled), len(dropped), time.perf_counter() - t_round)
+
+    def _write_totals(self) -> None:
+        """``communication.json``: bytes sent/received per site and in all, over the
+        committed rounds (the per-run total of the ``metrics.jsonl`` byte fields)."""
+        per_site: dict[str, dict[str, int]] = {}
+        for rec in read_metrics(self.run_dir):
+            site = per_site.setdefault(rec["site"], {"bytes_sent": 0, "bytes_received": 0})
+            site["bytes_sent"] += int(rec["bytes_sent"] or 0)
+            site["bytes_received"] += int(rec["bytes_received"] or 0)
+        totals = {"rounds": self.completed_rounds,
+                  "bytes_sent": sum(v["bytes_sent"] for v in per_site.values()),
+                  "bytes_received": sum(v["bytes_received"] for v in per_site.values()),
+                  "per_site": per_site}
+        path = self.run_dir / "communication.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(totals, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
     def _write_records(self, rows: Any) -> None:
         now = time.time()
