@@ -23,6 +23,7 @@ take the plain shift path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -158,6 +159,39 @@ def _coil_combine(maps: Tensor, z: Tensor) -> Tensor:
     return out
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(like: Tensor) -> Tensor:
+    """A per-thread buffer of ``like``'s shape and dtype (CPU), reused from call to call.
+
+    Fresh coil-sized CPU allocations are page-faulted in on every call, which costs as much
+    as the FFT itself; one buffer per shape is kept (its contents never escape a call).
+    """
+    key = (tuple(like.shape), like.dtype)
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    buf = pool.get(key)
+    if buf is None:
+        pool.clear()  # one shape at a time: bounded memory
+        buf = pool[key] = torch.empty(key[0], dtype=like.dtype)
+    return buf
+
+
+def clear_scratch() -> None:
+    """Release this thread's reusable MRI buffers."""
+    _SCRATCH.pool = {}
+
+
+def _no_graph(*tensors: Tensor) -> bool:
+    """True when no autograd graph is recorded for ops on ``tensors`` (``out=`` and in-place
+    buffer reuse are then safe); CPU only (CUDA's caching allocator already reuses memory)."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 class _CartesianMRI(LinearOperator):
     """Shared machinery: the mask (with the k-space checkerboard folded in) at call time."""
 
@@ -272,24 +306,45 @@ class MultiCoilMRI(_CartesianMRI):
     def A(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., C, H, W)``: ``M * fft2c(S * x)``."""
         x = self._prepare_image(x)
-        k = self._fwd_fft(self._maps(x.dtype, x.device) * x.unsqueeze(-3))
-        return self._apply_mask(k, self._kmask(x.dtype, x.device))
+        maps, m = self._maps(x.dtype, x.device), self._kmask(x.dtype, x.device)
+        if self._fast and _no_graph(x, maps, m):
+            # one coil-sized allocation (the result) instead of two: product, FFT in place
+            shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
+            if torch.broadcast_shapes(shape, m.shape) == shape:
+                out = torch.mul(maps, x.unsqueeze(-3), out=torch.empty(shape, dtype=x.dtype))
+                return torch.fft.fft2(out, dim=_DIMS, norm="ortho", out=out).mul_(m)
+        k = self._fwd_fft(maps * x.unsqueeze(-3))
+        return self._apply_mask(k, m)
 
     def A_adjoint(self, y: Tensor) -> Tensor:
         """``(..., C, H, W) -> (..., H, W)``: ``sum_c conj(S_c) * ifft2c(M * y_c)``."""
         owner = type(self).__name__
         check_trailing_shape("y", y, self.range_shape, owner)
         y = y.to(_compute_dtype(y))
-        z = self._adj_fft(y * self._kmask(y.dtype, y.device))
-        return self._finish_image(_coil_combine(self._maps(y.dtype, y.device), z))
+        maps, m = self._maps(y.dtype, y.device), self._kmask(y.dtype, y.device)
+        if self._fast and _no_graph(y, maps, m) and torch.broadcast_shapes(y.shape, m.shape) == y.shape:
+            buf = torch.mul(y, m, out=_scratch(y))  # no coil-sized allocation at all
+            z = torch.fft.ifft2(buf, dim=_DIMS, norm="ortho", out=buf)
+        else:
+            z = self._adj_fft(y * m)
+        return self._finish_image(_coil_combine(maps, z))
 
     def A_normal(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``S^H F^H M^2 F S x`` in one pass over the coils."""
         x = self._prepare_image(x)
         maps = self._maps(x.dtype, x.device)
-        k = self._fwd_fft(maps * x.unsqueeze(-3))
         # the k-space checkerboard squares to one, so only M^2 is applied here
-        z = self._adj_fft(self._apply_mask(k, self._kmask(x.dtype, x.device, square=True)))
+        m2 = self._kmask(x.dtype, x.device, square=True)
+        if self._fast and _no_graph(x, maps, m2):
+            shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
+            if torch.broadcast_shapes(shape, m2.shape) == shape:
+                buf = _scratch(torch.empty(shape, dtype=x.dtype, device="meta"))
+                torch.mul(maps, x.unsqueeze(-3), out=buf)
+                torch.fft.fft2(buf, dim=_DIMS, norm="ortho", out=buf).mul_(m2)
+                z = torch.fft.ifft2(buf, dim=_DIMS, norm="ortho", out=buf)
+                return self._finish_image(_coil_combine(maps, z))
+        k = self._fwd_fft(maps * x.unsqueeze(-3))
+        z = self._adj_fft(self._apply_mask(k, m2))
         return self._finish_image(_coil_combine(maps, z))
 
     def domain_support(self) -> Tensor:
@@ -299,7 +354,7 @@ class MultiCoilMRI(_CartesianMRI):
     def _compute_norm_bound(self) -> float:
         """``max|M| * max_pixel sqrt(sum_c |S_c|^2)`` >= ``||A||_2`` (exact for RSS-normalized maps
         and a mask that samples some column fully)."""
-        sens = float(self.coil_maps.abs().square().sum(dim=-3).max().sqrt())
+        sens = float(self.coil_maps.detach().abs().square().sum(dim=-3).max().sqrt())
         return sens * float(self.mask.abs().max())
 
     def extra_repr(self) -> str:

@@ -36,6 +36,8 @@ class ModelConfig:
     init_lambda: float = 0.05  # ProximalDC: lambda_0 / ||A||^2
     cg_iters: int = 8
     checkpointing: bool = False
+    sens_net: bool = False  # MRI: learned coil maps from each slice's ACS (E2E VarNet style)
+    sens_chans: int = 8
     heads: int = 4  # swin: attention heads (chans must be a multiple)
     window: int = 8  # swin: attention window side in pixels
     pretrained: str = ""  # prior checkpoint (scripts/pretrain_prior.py) loaded into every model
@@ -67,7 +69,7 @@ class ModelConfig:
         if self.prior not in ("unet", "dncnn", "swin"):
             raise ValueError(f"{where}: key 'prior' must be 'unet', 'dncnn' or 'swin'; got {self.prior!r}")
         for key in ("n_iter", "chans", "num_pools", "depth", "cg_iters", "heads", "window",
-                    "lora_rank"):
+                    "lora_rank", "sens_chans"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{where}: key '{key}' must be >= 1; got {getattr(self, key)}")
         if self.prior == "swin" and self.chans % self.heads:
@@ -106,8 +108,15 @@ def build_model(cfg: ModelConfig | None = None, *, complex_images: bool) -> Unro
         dc = GradientDC(cfg.n_iter, cfg.init_step)
     else:
         dc = ProximalDC(cfg.n_iter, cfg.init_lambda, cfg.cg_iters)
+    estimator = None
+    if cfg.sens_net:
+        if not complex_images:
+            raise ValueError("[model]: key 'sens_net' applies to (complex) MRI images only")
+        from .sensitivity import SensitivityNet
+
+        estimator = SensitivityNet(cfg.sens_chans)
     model = Unrolled(dc, ImagePrior(net), cfg.n_iter, share_weights=cfg.share_weights,
-                     checkpointing=cfg.checkpointing)
+                     checkpointing=cfg.checkpointing, estimator=estimator)
     if cfg.pretrained:
         from fedrecon.efficient.pretrain import load_prior_checkpoint
 

@@ -3,7 +3,8 @@
 Every parameter (and buffer) of a fedrecon model belongs to a declared role. A module class
 declares its role once, with the class attribute ``role``; a parameter's role is the role of
 the innermost module that declares one, and torch's normalization layers are ``NORM``
-wherever they sit. A :class:`Partition` maps roles to ``LOCAL`` (stays at the site) or
+wherever they sit. A module that also sets ``role_sealed = True`` gives its role to its
+whole subtree (a coil-sensitivity estimator built from a U-Net stays ``ESTIMATOR``). A :class:`Partition` maps roles to ``LOCAL`` (stays at the site) or
 ``GLOBAL`` (shared with the federation); nothing is decided by name prefixes.
 """
 
@@ -57,9 +58,11 @@ def _roles(model: nn.Module, tensors: str) -> dict[str, Role]:
     roles: dict[str, Role] = {}
     unassigned: list[str] = []
 
-    def walk(module: nn.Module, prefix: str, inherited: Role | None) -> None:
-        own = _module_role(module)
+    def walk(module: nn.Module, prefix: str, inherited: Role | None,
+             sealed: bool = False) -> None:
+        own = None if sealed else _module_role(module)
         role = own if own is not None else inherited
+        sealed = sealed or (own is not None and getattr(type(module), "role_sealed", False))
         items = (module.named_parameters(recurse=False) if tensors == "parameters"
                  else module.named_buffers(recurse=False))
         for name, _ in items:
@@ -69,7 +72,7 @@ def _roles(model: nn.Module, tensors: str) -> dict[str, Role]:
             else:
                 roles[full] = role
         for child_name, child in module.named_children():
-            walk(child, f"{prefix}{child_name}.", role)
+            walk(child, f"{prefix}{child_name}.", role, sealed)
 
     walk(model, "", None)
     if unassigned:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fedrecon.operators import FanBeam2D, LinearOperator, ParallelBeam2D, fbp
+from fedrecon.operators import FanBeam2D, LinearOperator, MultiCoilMRI, ParallelBeam2D, fbp
 
 __all__ = ["Unrolled", "default_x0"]
 
@@ -43,14 +43,18 @@ class Unrolled(nn.Module):
         Number of unrolled iterations (cascades).
     share_weights
         One prior for all iterations (MoDL) or an independent copy per iteration (VarNet).
+    estimator
+        Optional coil-sensitivity network (:class:`~fedrecon.models.sensitivity.SensitivityNet`,
+        role ``ESTIMATOR``): for a multi-coil MRI operator, its maps replace the operator's.
     checkpointing
         Recompute each iteration in the backward pass instead of storing its activations
         (memory for time; useful at 320x320 with many cascades).
     """
 
     def __init__(self, dc: nn.Module, prior: nn.Module, n_iter: int, share_weights: bool = True,
-                 checkpointing: bool = False) -> None:
+                 checkpointing: bool = False, estimator: nn.Module | None = None) -> None:
         super().__init__()
+        self.estimator = estimator
         if n_iter < 1:
             raise ValueError(f"argument 'n_iter' must be >= 1; got {n_iter}")
         self.n_iter = n_iter
@@ -72,6 +76,9 @@ class Unrolled(nn.Module):
     def forward(self, y: Tensor, op: LinearOperator, x0: Tensor | None = None,
                 protocol: Tensor | None = None) -> Tensor:
         """Reconstruct ``(B, *op.domain_shape)`` images from measurements ``(B, *op.range_shape)``."""
+        if self.estimator is not None and isinstance(op, MultiCoilMRI):
+            # learned coil maps from the slice's own ACS lines replace the given ones
+            op = MultiCoilMRI(self.estimator(y, op.mask), op.mask)
         x = default_x0(op, y) if x0 is None else x0
         for k in range(self.n_iter):
             if self.checkpointing and torch.is_grad_enabled():
