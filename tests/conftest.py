@@ -21,3 +21,19 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
+
+
+# Folders whose tests train tiny models (16-48 px): torch's intra-op threads only add
+# synchronization there, and on a loaded 2-core machine they slow a 16 px conv ~100x.
+ONE_THREAD_FOLDERS = frozenset({"runners", "privacy", "flower", "efficient", "cli"})
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request: pytest.FixtureRequest):
+    if not ONE_THREAD_FOLDERS & set(request.node.path.parts):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

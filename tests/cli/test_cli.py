@@ -62,7 +62,6 @@ def write_config(path: Path, *, rounds: int = 2, strategy: str = "partial", extr
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli")
     cfg = write_config(root / "run.toml", rounds=2)
     run = root / "run"

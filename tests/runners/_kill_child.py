@@ -19,7 +19,7 @@ from fedrecon.runners import SimulationRunner
 
 
 def main(data_dir: str, run_dir: str, rounds: int, block_round: int) -> None:
-    torch.set_num_threads(1)  # as the parent test (tests/runners/conftest.py)
+    torch.set_num_threads(1)  # as the parent test (tests/conftest.py: one_thread)
     files = sorted(Path(data_dir).glob("*.h5"))
     sites = make_ct_sites(files, 3)
 
