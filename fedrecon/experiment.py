@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -430,15 +431,23 @@ def _folder_files(entry: SiteEntry, split: str) -> list[Path]:
     return files
 
 
-def site_datasets(cfg: RunConfig, entry: SiteEntry) -> dict[str, Any]:
-    """``split -> dataset`` of one site (``None`` for a split it lacks)."""
-    coil_maps = cfg.coil_maps if entry.spec.modality == "mri" else None
+def entry_datasets(entry: SiteEntry, seed: int, *, coil_maps: str | None = "espirit",
+                   root: Path | None = None) -> dict[str, Any]:
+    """``split -> dataset`` of one site (``None`` for a split it lacks). Folder sites read
+    their split folders; spec sites are split by volume (synthetic ones simulated under
+    ``root``, a temporary folder by default)."""
+    maps = coil_maps if entry.spec.modality == "mri" else None
     if entry.folders is None:
-        data = simulate_sites([entry.spec], cfg.seed, coil_maps=coil_maps)[entry.name]
+        data = simulate_sites([entry.spec], seed, root=root, coil_maps=maps)[entry.name]
         return {"train": data.train, "val": data.val, "test": data.test}
-    seed = site_seed(cfg.seed, entry.name)
-    return {split: make_site_dataset(entry.spec, _folder_files(entry, split), seed, coil_maps)
+    own = site_seed(seed, entry.name)
+    return {split: make_site_dataset(entry.spec, _folder_files(entry, split), own, maps)
             if split in entry.folders else None for split in SPLITS}
+
+
+def site_datasets(cfg: RunConfig, entry: SiteEntry) -> dict[str, Any]:
+    """``split -> dataset`` of one site of ``cfg``."""
+    return entry_datasets(entry, cfg.seed, coil_maps=cfg.coil_maps)
 
 
 # -- model, strategy, sites, runner ---------------------------------------------------------
@@ -552,37 +561,27 @@ def _model_factory(model_cfg: ModelConfig, complex_images: bool, seed: int):
     return factory
 
 
-def _local_steps(cfg: RunConfig, loaders: Sequence[Any]) -> int:
+def _local_steps(cfg: RunConfig, batches_per_epoch: Sequence[int]) -> int:
     if cfg.local_epochs is None:
         return cfg.local_steps
     # one plan for all sites: epochs of the average site (documented in RunConfig)
-    return max(1, round(cfg.local_epochs * sum(len(ld) for ld in loaders) / len(loaders)))
+    return max(1, round(cfg.local_epochs * sum(batches_per_epoch) / len(batches_per_epoch)))
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
     """Datasets, loaders, sites and the strategy of ``cfg`` (synthetic sites must have been
     materialized, or are simulated into a temporary folder)."""
-    from torch.utils.data import DataLoader
-
-    from fedrecon.datasets import collate_ct_samples, collate_mri_samples
     from fedrecon.federated import Site, make_strategy
     from fedrecon.federated.strategies_hypernetwork import global_names_with_roles
 
     mri = cfg.modality == "mri"
-    collate = collate_mri_samples if mri else collate_ct_samples
     model_cfg = effective_model_config(cfg)
     factory = _model_factory(model_cfg, mri, cfg.seed)
     device = resolve_device(cfg.device)
     datasets = {e.name: site_datasets(cfg, e) for e in cfg.sites}
-    loaders = {}
-    for name, ds in datasets.items():
-        gen = torch.Generator().manual_seed(site_seed(cfg.seed, name) % 2**63)
-        loaders[name] = {
-            "train": DataLoader(ds["train"], batch_size=cfg.batch_size, shuffle=True,
-                                collate_fn=collate, generator=gen),
-            **{s: DataLoader(ds[s], batch_size=max(cfg.batch_size, 8), collate_fn=collate)
-               if ds[s] is not None else None for s in ("val", "test")}}
-    steps = _local_steps(cfg, [ld["train"] for n, ld in loaders.items() if n != cfg.held_out])
+    train_batches = [math.ceil(len(ds["train"]) / cfg.batch_size) for n, ds in datasets.items()
+                     if n != cfg.held_out]
+    steps = _local_steps(cfg, train_batches)
 
     kwargs = {k: v for k, v in cfg.strategy.items() if k != "name"}
     name = cfg.strategy_name
@@ -603,13 +602,12 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     except ValueError as err:
         raise ConfigError(f"[strategy]: {err}") from None
     partition: Partition = strategy.partition
-    sites = []
-    for entry in cfg.sites:
-        ld = loaders[entry.name]
-        sites.append(Site(entry.name, model_factory=factory, train_loader=ld["train"],
-                          val_loader=ld["val"], test_loader=ld["test"], partition=partition,
-                          device=device, loss=cfg.loss, grad_clip=cfg.grad_clip, seed=cfg.seed,
-                          protocol=entry.spec.acquisition.protocol_vector()))
+    sites = [Site.from_datasets(
+        entry.name, datasets[entry.name], modality=entry.spec.modality,
+        batch_size=cfg.batch_size, eval_batch_size=max(cfg.batch_size, 8),
+        loader_seed=site_seed(cfg.seed, entry.name), model_factory=factory, partition=partition,
+        seed=cfg.seed, device=device, loss=cfg.loss, grad_clip=cfg.grad_clip,
+        protocol=entry.spec.acquisition.protocol_vector()) for entry in cfg.sites]
     if cfg.eval_every and any(s.val_loader is None for s in sites):
         missing = [s.site_id for s in sites if s.val_loader is None]
         raise ConfigError(f"sites {missing} have no val data; the runner evaluates on 'val' "

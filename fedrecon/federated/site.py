@@ -92,6 +92,35 @@ class Site:
         self.num_examples = num_examples if num_examples is not None else (
             len(dataset) if dataset is not None else 1)
 
+    @classmethod
+    def from_datasets(cls, site_id: str, datasets: Mapping[str, Any], *, modality: str,
+                      batch_size: int, eval_batch_size: int, loader_seed: int,
+                      **kwargs: Any) -> Site:
+        """A site over ``split -> dataset`` (``train`` required; ``val``/``test`` may be
+        ``None``): a shuffled training loader with its own generator seeded by
+        ``loader_seed`` (checkpointed by the runners), evaluation loaders, and the collate
+        function of ``modality`` ("mri" or "ct"). ``kwargs`` go to the constructor. The
+        embedded runner and the Flower ClientApp both build their sites here."""
+        from torch.utils.data import DataLoader
+
+        from fedrecon.datasets import collate_ct_samples, collate_mri_samples
+
+        if modality not in ("mri", "ct"):
+            raise ValueError(f"argument 'modality' must be 'mri' or 'ct'; got {modality!r}")
+        if datasets.get("train") is None:
+            raise ValueError(f"site '{site_id}': no training data")
+        collate = collate_mri_samples if modality == "mri" else collate_ct_samples
+
+        def loader(split: str, size: int, **kw: Any) -> DataLoader | None:
+            ds = datasets.get(split)
+            return None if ds is None else DataLoader(ds, batch_size=size, collate_fn=collate,
+                                                      **kw)
+
+        train = loader("train", batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(loader_seed % 2**63))
+        return cls(site_id, train_loader=train, val_loader=loader("val", eval_batch_size),
+                   test_loader=loader("test", eval_batch_size), **kwargs)
+
     # -- state ------------------------------------------------------------------------------
     def _private(self) -> dict[str, Any]:
         return self.store.get(self.site_id) or {}

@@ -37,9 +37,8 @@ from pathlib import Path
 import tomllib
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from fedrecon.datasets import SiteSpec, collate_ct_samples, collate_mri_samples, simulate_sites
+from fedrecon.datasets import SiteSpec, simulate_sites
 from fedrecon.datasets.config import ConfigError, dataclass_from_dict, dataclass_to_dict, toml_value
 from fedrecon.datasets.sites import site_specs_to_toml
 from fedrecon.federated import DiskStore, LocalStore, Site
@@ -152,30 +151,23 @@ def model_factory(model: ModelConfig, *, complex_images: bool,
 
 def build_site(config: SiteConfig, model: ModelConfig, *, init_seed: int = 0,
                partition: Partition | None = None, store: LocalStore | None = None) -> Site:
-    """The :class:`~fedrecon.federated.Site` of ``config``: datasets from its spec (split by
-    volume, :func:`~fedrecon.datasets.simulate_sites`), a shuffled training loader with its
-    own generator, and its LOCAL state in a :class:`~fedrecon.federated.DiskStore` under
-    ``state_dir`` unless ``store`` is given."""
+    """The :class:`~fedrecon.federated.Site` of ``config``, built like the embedded runner's
+    (:meth:`Site.from_datasets`): datasets split by volume, ESPIRiT coil maps for multicoil
+    MRI, a shuffled training loader with its own generator, and its LOCAL state in a
+    :class:`~fedrecon.federated.DiskStore` under ``state_dir`` unless ``store`` is given."""
     spec, rt = config.spec, config.runtime
     root = Path(rt.data_root) if rt.data_root else Path(rt.state_dir) / "data"
-    data = simulate_sites([spec], rt.seed, root=root)[spec.name]
-    collate = collate_mri_samples if spec.modality == "mri" else collate_ct_samples
-
-    def loader(dataset, batch_size: int, **kw) -> DataLoader | None:
-        if dataset is None:
-            return None
-        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, **kw)
-
-    train = loader(data.train, rt.batch_size, shuffle=True,
-                   generator=torch.Generator().manual_seed(rt.seed))
-    return Site(spec.name,
-                model_factory=model_factory(model, complex_images=spec.modality == "mri",
-                                            init_seed=init_seed),
-                train_loader=train, val_loader=loader(data.val, rt.eval_batch_size),
-                test_loader=loader(data.test, rt.eval_batch_size),
-                partition=partition, store=store if store is not None else DiskStore(
-                    Path(rt.state_dir) / "local"),
-                device=rt.device, loss=rt.loss, seed=rt.seed, protocol=data.protocol)
+    data = simulate_sites([spec], rt.seed, root=root,
+                          coil_maps="espirit" if spec.modality == "mri" else None)[spec.name]
+    return Site.from_datasets(
+        spec.name, {"train": data.train, "val": data.val, "test": data.test},
+        modality=spec.modality, batch_size=rt.batch_size, eval_batch_size=rt.eval_batch_size,
+        loader_seed=rt.seed,
+        model_factory=model_factory(model, complex_images=spec.modality == "mri",
+                                    init_seed=init_seed),
+        partition=partition, store=store if store is not None else DiskStore(
+            Path(rt.state_dir) / "local"),
+        device=rt.device, loss=rt.loss, seed=rt.seed, protocol=data.protocol)
 
 
 def with_runtime(config: SiteConfig, **changes) -> SiteConfig:
