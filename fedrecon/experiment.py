@@ -114,9 +114,11 @@ class RunConfig:
         Leave-one-site-out: this site never trains; it is evaluated every round with the
         consensus prior (or, for the hypernetwork, the prior generated from its protocol)
         and its DC layers at their initial values, the way a new hospital would join.
-    strategy, model, privacy
+    strategy, model, privacy, compression
         The ``[strategy]`` table (``name`` and the strategy's keyword arguments), the
-        ``[model]`` table (:class:`~fedrecon.models.ModelConfig`) and the ``[privacy]`` table.
+        ``[model]`` table (:class:`~fedrecon.models.ModelConfig`), the ``[privacy]`` table
+        (:mod:`fedrecon.privacy`) and the ``[compression]`` table (update compression,
+        :class:`fedrecon.efficient.CompressionConfig`: method, fraction, error_feedback).
     """
 
     sites: tuple[SiteEntry, ...]
@@ -140,6 +142,7 @@ class RunConfig:
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "partial"})
     model: ModelConfig = field(default_factory=ModelConfig)
     privacy: dict[str, Any] = field(default_factory=dict)
+    compression: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None  # the file it was read from
 
     @property
@@ -158,7 +161,7 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "eval_every": (int,), "device": (str,), "coil_maps": (str,), "data_root": (str,),
     "held_out": (str,),
 }
-_TABLES = ("sites", "strategy", "model", "privacy")
+_TABLES = ("sites", "strategy", "model", "privacy", "compression")
 
 
 def _check_scalar(key: str, value: Any, where: str) -> Any:
@@ -285,6 +288,8 @@ def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,
     model_doc = doc.get("model", {})
     if not isinstance(model_doc, Mapping):
         raise ConfigError(f"{where}: [model] must be a table")
+    if isinstance(model_doc.get("pretrained"), str) and model_doc["pretrained"]:
+        model_doc = dict(model_doc) | {"pretrained": str(_resolve(model_doc["pretrained"], base))}
     try:
         model = ModelConfig.from_dict(model_doc, where=f"{where}: [model]")
     except ValueError as err:
@@ -295,7 +300,25 @@ def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,
         raise ConfigError(f"{where}: [privacy] must be a table")
     if privacy:
         _check_privacy(strategy["name"], dict(privacy), f"{where}: [privacy]")
-    return RunConfig(sites=entries, strategy=strategy, model=model, privacy=dict(privacy), **kw)
+    compression = doc.get("compression", {})
+    if not isinstance(compression, Mapping):
+        raise ConfigError(f"{where}: [compression] must be a table")
+    if compression:
+        if strategy["name"] in SPECIAL_STRATEGIES:
+            raise ConfigError(f"{where}: [compression] does not apply to the "
+                              f"'{strategy['name']}' baseline")
+        _compressor(dict(compression), f"{where}: [compression]")
+    return RunConfig(sites=entries, strategy=strategy, model=model, privacy=dict(privacy),
+                     compression=dict(compression), **kw)
+
+
+def _compressor(table: Mapping[str, Any], where: str = "[compression]") -> Any:
+    from fedrecon.efficient import CompressionConfig, UpdateCompressor
+
+    try:
+        return UpdateCompressor(CompressionConfig.from_dict(table, where=where))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_strategy(strategy: dict[str, Any], where: str) -> None:
@@ -365,6 +388,8 @@ def config_to_toml(cfg: RunConfig) -> str:
     lines += [f"{k} = {toml_value(v)}" for k, v in dataclasses.asdict(cfg.model).items()]
     if cfg.privacy:
         lines += _toml_table("privacy", cfg.privacy)
+    if cfg.compression:
+        lines += _toml_table("compression", cfg.compression)
     for entry in cfg.sites:
         d = entry.spec.to_dict()
         lines += ["", "[[sites]]", f"name = {toml_value(entry.name)}",
@@ -521,6 +546,8 @@ class Experiment:
             from fedrecon.privacy import UpdatePipeline
 
             kw["privacy"] = UpdatePipeline(cfg.privacy, seed=cfg.seed)
+        if cfg.compression:
+            kw["compression"] = _compressor(cfg.compression)
         if cfg.strategy_name == "centralized":
             if self.held_out is not None:
                 raise ConfigError("config: 'held_out' is not supported with the centralized "
@@ -531,7 +558,8 @@ class Experiment:
         if resume:
             return SimulationRunner.resume(run_dir, self.sites, self.strategy, rounds=rounds,
                                            progress=progress, evaluators=self.evaluators(),
-                                           privacy=kw.get("privacy"))
+                                           privacy=kw.get("privacy"),
+                                           compression=kw.get("compression"))
         return SimulationRunner(self.sites, self.strategy, rounds=cfg.rounds, run_dir=run_dir,
                                 evaluators=self.evaluators(), **kw)
 

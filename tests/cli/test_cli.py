@@ -254,3 +254,26 @@ def test_privacy_table_in_a_run(tmp_path: Path, capsys) -> None:
     assert main(["--quiet", "train", "--config", str(bad), "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert "similarity" in err and not (tmp_path / "r2").exists()
+
+
+def test_compression_table_in_a_run(tmp_path: Path, capsys) -> None:
+    """[compression] top-k: the recorded upload bytes shrink against the dense run's;
+    a misspelled key is a config error."""
+    import json
+
+    def sent(run: Path) -> int:
+        return sum(json.loads(x)["bytes_sent"] for x in (run / "metrics.jsonl").read_text()
+                   .splitlines())
+
+    dense = write_config(tmp_path / "dense.toml", rounds=1)
+    assert main(["--quiet", "train", "--config", str(dense), "--out", str(tmp_path / "d")]) == 0
+    comp = write_config(tmp_path / "comp.toml", rounds=1)
+    comp.write_text(comp.read_text().replace(
+        "[[sites]]", '\n[compression]\nmethod = "topk"\nfraction = 0.05\n\n[[sites]]', 1))
+    assert main(["--quiet", "train", "--config", str(comp), "--out", str(tmp_path / "c")]) == 0
+    # a tiny model: tensor names are a large share of a 5% message, hence not 1/20
+    assert 0 < sent(tmp_path / "c") < 0.5 * sent(tmp_path / "d")
+    assert (tmp_path / "c" / "communication.json").is_file()
+    comp.write_text(comp.read_text().replace("fraction = 0.05", "fractoin = 0.05"))
+    assert main(["--quiet", "train", "--config", str(comp), "--out", str(tmp_path / "x")]) == 2
+    assert "fractoin" in capsys.readouterr().err and not (tmp_path / "x").exists()
