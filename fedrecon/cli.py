@@ -181,6 +181,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .report import (
         figure_grid,
         read_jsonl,
+        run_summary_table,
         staged_output,
         training_curves,
         write_reconstructions,
@@ -255,14 +256,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         scores)
             figures.append(fig)
         table = write_tables(stage, rows, volume_rows, metrics)
-        curves = training_curves(stage / "figures" / "curves.png", {
-            name: read_jsonl(run / "metrics.jsonl") for name, (run, *_) in restored.items()})
+        records = {name: read_jsonl(run / "metrics.jsonl") for name, (run, *_) in restored.items()}
+        curves = training_curves(stage / "figures" / "curves.png", records)
         base_desc = {b: "; ".join(f"{s.site_id}: {chosen[f'{b}@{s.site_id}']}" for s in eval_sites)
                      for b in wanted}
         write_report(stage, title=args.title or "fedrecon evaluation",
                      runs={n: r[0] for n, r in restored.items()}, split=split, table_md=table,
                      figures=figures, curves="figures/curves.png" if curves else None,
-                     baselines=base_desc,
+                     baselines=base_desc, run_table=run_summary_table(records),
                      notes=[(f"Leave-one-site-out: `{first_cfg.held_out}` never trained; it "
                              f"reconstructs with the consensus prior and initial DC layers."), ""]
                      if first_cfg.held_out else [])

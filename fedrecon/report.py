@@ -179,7 +179,8 @@ def training_curves(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]])
 
 def write_report(stage: Path, *, title: str, runs: Mapping[str, Path], split: str,
                  table_md: str, figures: Sequence[str], curves: str | None,
-                 baselines: Mapping[str, str], notes: Sequence[str] = ()) -> Path:
+                 baselines: Mapping[str, str], notes: Sequence[str] = (),
+                 run_table: str | None = None) -> Path:
     lines = [f"# {title}", ""]
     lines.append(f"Evaluated on the **{split}** split of every site; metrics as fastMRI defines "
                  f"them (per volume: PSNR with the volume's max as data range, SSIM with a 7x7 "
@@ -191,6 +192,8 @@ def write_report(stage: Path, *, title: str, runs: Mapping[str, Path], split: st
         lines.append("Baselines (parameter tuned on each site's validation split): " + ", ".join(
             f"`{k}` ({v})" for k, v in baselines.items()))
     lines += ["", table_md, ""]
+    if run_table:
+        lines += ["## Runs: privacy and communication", "", run_table, ""]
     if curves:
         lines += ["## Training curves", "", f"![curves]({curves})", ""]
     if figures:
@@ -204,6 +207,21 @@ def write_report(stage: Path, *, title: str, runs: Mapping[str, Path], split: st
     path = stage / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def run_summary_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Markdown: per run, the rounds completed, the DP epsilon after the last round (when the
+    run used DP) and the bytes sent and received over the run (all sites, from the records)."""
+    lines = ["| method | rounds | DP epsilon | MB sent (sites -> server) | MB received |",
+             "|---|---:|---:|---:|---:|"]
+    for method, records in runs.items():
+        rounds = 1 + max((int(r["round"]) for r in records), default=-1)
+        eps = [r.get("epsilon") for r in records if r.get("epsilon") is not None]
+        sent = sum(int(r.get("bytes_sent") or 0) for r in records)
+        received = sum(int(r.get("bytes_received") or 0) for r in records)
+        lines.append(f"| {method} | {rounds} | {f'{eps[-1]:.3g}' if eps else '-'} | "
+                     f"{sent / 1e6:.3f} | {received / 1e6:.3f} |")
+    return "\n".join(lines)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -248,6 +248,12 @@ def test_privacy_table_in_a_run(tmp_path: Path, capsys) -> None:
     eps = {r["epsilon"] for r in records}
     assert len(eps) == 1 and 0 < eps.pop() < float("inf")
     assert "[privacy.dp]" in (run / "config.toml").read_text()
+    out = tmp_path / "eval"
+    assert main(["--quiet", "evaluate", "--run", str(run), "--out", str(out),
+                 "--no-reconstructions"]) == 0
+    report = (out / "report.md").read_text()
+    sent = sum(r["bytes_sent"] for r in records) / 1e6
+    assert "DP epsilon" in report and f"{sent:.3f}" in report
 
     bad = write_config(tmp_path / "bad.toml", rounds=1, strategy="similarity")
     bad.write_text(bad.read_text().replace("[[sites]]", privacy + "\n[[sites]]", 1))
