@@ -27,7 +27,6 @@ masked vectors, there is nothing sparse to send).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,8 +41,14 @@ from fedrecon.federated.store import LocalStore
 
 from .wire import EncodedTensor, Message, decode, dense, encode, torch_dtype
 
-__all__ = ["CompressionConfig", "UpdateCompressor", "compress_tensor", "decompress_tensor",
-           "RESIDUAL_KEY", "COMPRESSION_METHODS"]
+__all__ = [
+    "COMPRESSION_METHODS",
+    "RESIDUAL_KEY",
+    "CompressionConfig",
+    "UpdateCompressor",
+    "compress_tensor",
+    "decompress_tensor",
+]
 
 COMPRESSION_METHODS = ("none", "topk", "int8", "topk_int8")
 #: Key of the error-feedback residual in a site's private state (its :class:`LocalStore`).
@@ -71,19 +76,11 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "[compression]") -> CompressionConfig:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in data.items():
-            if key not in fields:
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ValueError(f"{where}: unknown key '{key}'{hint} (valid: {', '.join(fields)})")
-            expected = type(fields[key].default)
-            ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                ok = True
-            if not ok:
-                raise ValueError(f"{where}: key '{key}' must be {expected.__name__}; got {value!r}")
-        cfg = cls(**{k: (float(v) if k == "fraction" else v) for k, v in data.items()})
+        """Strict parse of the ``[compression]`` table (unknown keys and wrong types name the
+        key), then :meth:`validate`."""
+        from fedrecon.datasets.config import dataclass_from_dict
+
+        cfg = dataclass_from_dict(cls, data, where)
         cfg.validate(where)
         return cfg
 

@@ -82,7 +82,7 @@ from fedrecon.models import ModelConfig, Scope
 from fedrecon.train import seed_everything
 
 from .checkpoint import loader_generators
-from .simulation import RECORD_FIELDS, RoundFailed, _clean
+from .simulation import RECORD_FIELDS, RoundFailed, append_records
 from .site_config import build_site, load_site_config, model_factory
 
 __all__ = [
@@ -561,13 +561,7 @@ class FlowerServer:
 
     # -- files ------------------------------------------------------------------------------
     def _write_records(self, rows: Any) -> None:
-        now = time.time()
-        lines = "".join(json.dumps({k: _clean(v) for k, v in row.items()} | {"time": now}) + "\n"
-                        for row in rows)
-        with open(self._metrics, "a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        append_records(self._metrics, rows)
 
     def _commit(self, completed: int) -> None:
         ckpt = {"format": CHECKPOINT_FORMAT, "runner": "flower",

@@ -134,6 +134,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def append_records(path: Path, rows: Any) -> None:
+    """Append ``rows`` (dicts) to the JSON-lines file ``path`` with a common time stamp,
+    non-finite floats as ``null``, flushed and fsynced (both runners' metrics.jsonl)."""
+    now = time.time()
+    lines = "".join(json.dumps({k: _clean(v) for k, v in row.items()} | {"time": now}) + "\n"
+                    for row in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of ``run_dir/metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -454,13 +466,7 @@ class SimulationRunner:
         os.replace(tmp, path)
 
     def _write_records(self, rows: Any) -> None:
-        now = time.time()
-        lines = "".join(json.dumps({k: _clean(v) for k, v in row.items()} | {"time": now}) + "\n"
-                        for row in rows)
-        with open(self._metrics_path, "a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        append_records(self._metrics_path, rows)
 
     def _commit(self, completed: int) -> None:
         """Atomically write the checkpoint of ``completed`` rounds; then drop old versions."""
