@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-norm", type=float, default=0.3)
     ap.add_argument("--noise-multipliers", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--strategy", default="partial",
+                    help="--config mode: a sum-compatible strategy (default: partial, the DC "
+                         "layers stay local so no noise reaches the physics; 'fedavg' shares "
+                         "and noises them too)")
     args = ap.parse_args(argv)
     if args.config is not None:
         return config_mode(args)
@@ -93,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _settings(args) -> list[tuple[str, str, dict]]:
-    out = [("local only", "local", {}), ("fedavg", "fedavg", {}),
-           ("fedavg + secagg", "fedavg", {"secure_aggregation": {}})]
+    name = args.strategy
+    out = [("local only", "local", {}), (name, name, {}),
+           (f"{name} + secagg", name, {"secure_aggregation": {}})]
     for z in args.noise_multipliers:
-        out.append((f"dp z={z:g}", "fedavg",
+        out.append((f"{name} + dp z={z:g}", name,
                     {"dp": {"clip_norm": args.clip_norm, "noise_multiplier": z}}))
     return out
 
