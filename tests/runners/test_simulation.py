@@ -368,3 +368,16 @@ def test_centralized_baseline_trains_one_model_on_pooled_data(ct_files, tmp_path
     assert again.completed_rounds == 2
     again.run()
     assert len(read_metrics(tmp_path)) == 3 * 4
+
+
+def test_one_site_fedavg_equals_local_training(ct_files, tmp_path):
+    """With one site, FedAvg is local training: the same GLOBAL tensors after 3 rounds, to
+    the bit (the aggregation path adds nothing)."""
+    states = {}
+    for name, cls in (("fedavg", FedAvg), ("local", LocalOnly)):
+        runner = SimulationRunner(make_ct_sites(ct_files, 1), cls(local_steps=2, lr=3e-3),
+                                  rounds=3, run_dir=tmp_path / name, progress=False)
+        states[name] = runner.run().for_site("ct0")
+    assert states["fedavg"].keys() == states["local"].keys()
+    for k, v in states["fedavg"].items():
+        assert torch.equal(v, states["local"][k]), k
