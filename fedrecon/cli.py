@@ -180,7 +180,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from .report import (
         figure_grid,
-        read_jsonl,
         run_summary_table,
         staged_output,
         training_curves,
@@ -188,6 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_report,
         write_tables,
     )
+    from .runners import read_metrics
 
     runs = [Path(r) for r in args.run]
     restored = {}
@@ -256,7 +256,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         scores)
             figures.append(fig)
         table = write_tables(stage, rows, volume_rows, metrics)
-        records = {name: read_jsonl(run / "metrics.jsonl") for name, (run, *_) in restored.items()}
+        records = {name: read_metrics(run) for name, (run, *_) in restored.items()}
         curves = training_curves(stage / "figures" / "curves.png", records)
         base_desc = {b: "; ".join(f"{s.site_id}: {chosen[f'{b}@{s.site_id}']}" for s in eval_sites)
                      for b in wanted}
@@ -279,7 +279,8 @@ def _external_site(cfg: Any, exp: Any, args: argparse.Namespace) -> Any:
     from torch.utils.data import DataLoader
 
     from fedrecon.datasets import collate_ct_samples, collate_mri_samples
-    from fedrecon.datasets.site_simulation import make_site_dataset, site_seed
+
+    from .experiment import SiteEntry, entry_datasets
 
     names = [s.site_id for s in exp.all_sites]
     if args.site is None and len(names) > 1:
@@ -288,12 +289,12 @@ def _external_site(cfg: Any, exp: Any, args: argparse.Namespace) -> Any:
     if name not in names:
         raise CLIError(f"--site {name!r}: the run has sites {names}")
     folder = Path(args.data)
-    files = sorted(p for p in folder.glob("*.h5") if p.is_file()) if folder.is_dir() else []
-    if not files:
-        raise CLIError(f"--data {folder}: no .h5 files there")
+    if not folder.is_dir():
+        raise CLIError(f"--data {folder}: not a folder")
     entry = next(e for e in cfg.sites if e.name == name)
-    maps = cfg.coil_maps if entry.spec.modality == "mri" else None
-    data = make_site_dataset(entry.spec, files, site_seed(cfg.seed, name), maps)
+    # the site's acquisition and seed over the folder's files, as for its own splits
+    data = entry_datasets(SiteEntry(entry.spec, {"test": folder}), cfg.seed,
+                          coil_maps=cfg.coil_maps)["test"]
     collate = collate_mri_samples if entry.spec.modality == "mri" else collate_ct_samples
     site = copy.copy(next(s for s in exp.all_sites if s.site_id == name))
     site.test_loader = DataLoader(data, batch_size=8, collate_fn=collate)

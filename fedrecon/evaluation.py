@@ -155,13 +155,12 @@ def _sense(lam: float) -> Method:
 
 
 def _tv(weight: float, n_iter: int = 150) -> Method:
-    """TV with weight ``weight * ||A||^2 * max|A^H y| / ||A||^2``: relative to the data."""
+    """TV with weight ``weight * max|A^H y|``: relative to the data's scale."""
     from fedrecon.operators import tv_reconstruction
 
     def method(prep: Prepared) -> Tensor:
-        scale = prep.op.A_adjoint(prep.y).abs().amax() / prep.op.norm_bound() ** 2
-        x = tv_reconstruction(prep.op, prep.y, lam=float(weight * scale * prep.op.norm_bound()**2),
-                              n_iter=n_iter)
+        lam = float(weight * prep.op.A_adjoint(prep.y).abs().amax())
+        x = tv_reconstruction(prep.op, prep.y, lam=lam, n_iter=n_iter)
         return to_target_space(x, prep) if x.is_complex() else x.clamp_min(0)
     return method
 

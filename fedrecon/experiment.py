@@ -34,7 +34,6 @@ import dataclasses
 import difflib
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,14 +232,8 @@ def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,
             raise ConfigError(f"{where}: key '{key}' must be >= 1; got {kw[key]}")
     if kw.get("local_epochs") is not None and kw["local_epochs"] < 1:
         raise ConfigError(f"{where}: key 'local_epochs' must be >= 1; got {kw['local_epochs']}")
-    if "retries" in kw and kw["retries"] < 0:
-        raise ConfigError(f"{where}: key 'retries' must be >= 0; got {kw['retries']}")
     if "lr" in kw and not kw["lr"] > 0:
         raise ConfigError(f"{where}: key 'lr' must be > 0; got {kw['lr']}")
-    if "fraction" in kw and not 0 < kw["fraction"] <= 1:
-        raise ConfigError(f"{where}: key 'fraction' must lie in (0, 1]; got {kw['fraction']}")
-    if "drop_prob" in kw and not 0 <= kw["drop_prob"] < 1:
-        raise ConfigError(f"{where}: key 'drop_prob' must lie in [0, 1); got {kw['drop_prob']}")
     from fedrecon.train.loop import LOSSES
 
     if kw.get("loss", "l1") not in LOSSES:
@@ -271,10 +264,14 @@ def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,
             raise ConfigError(f"{where}: key 'held_out' names no site: {held!r}{hint}")
         if len(entries) < 2:
             raise ConfigError(f"{where}: key 'held_out' needs at least two sites")
-    n_training = len(entries) - (held is not None)
-    if kw.get("min_sites", 1) > n_training:
-        raise ConfigError(f"{where}: key 'min_sites' ({kw['min_sites']}) exceeds the number of "
-                          f"training sites ({n_training})")
+    from fedrecon.runners.simulation import RunnerConfig
+
+    runner_keys = ("rounds", "seed", "fraction", "min_sites", "drop_prob", "eval_every", "retries")
+    try:  # the runner's own checks, before any folder is written
+        RunnerConfig(**{k: kw[k] for k in runner_keys if k in kw} | {"rounds": kw.get("rounds", 10)}
+                     ).validate(len(entries) - (held is not None))
+    except ValueError as err:
+        raise ConfigError(f"{where}: {str(err).replace('argument ', 'key ', 1)}") from None
 
     strategy = doc.get("strategy", {"name": "partial"})
     if not isinstance(strategy, Mapping) or not isinstance(strategy.get("name"), str):
@@ -652,8 +649,3 @@ def prepare_run_dir(out: Path) -> None:
                           f"another --out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-

@@ -5,7 +5,6 @@ staging folder that replaces the output folder only when complete."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
@@ -222,9 +221,3 @@ def run_summary_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         lines.append(f"| {method} | {rounds} | {f'{eps[-1]:.3g}' if eps else '-'} | "
                      f"{sent / 1e6:.3f} | {received / 1e6:.3f} |")
     return "\n".join(lines)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
