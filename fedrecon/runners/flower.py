@@ -34,10 +34,14 @@ The ClientApp builds its site from the SuperNode's ``--node-config site-config=<
 ClientApp process per message, and its ``Context.state`` lives in the SuperNode's memory for
 one run only (SecAgg+ keeps its per-round protocol state there); LOCAL state must outlive a
 SuperNode restart and the run, so everything a site keeps between rounds lives on the
-site's own disk under its ``state_dir``: LOCAL tensors in a
-:class:`~fedrecon.federated.DiskStore` and the training loader's RNG state. A SuperNode
-that is restarted continues where it stopped (the server maps a site's new node id to its
-site id when it describes itself again).
+site's own disk under its ``state_dir``: LOCAL tensors and the training loader's RNG state,
+one atomically written file per site (``local/<site>.pt``), and ``journal.jsonl``, a line
+per fit with the round and digest of the state it started from and saved
+(:func:`persisted_state`). A SuperNode that is restarted continues where it stopped: with
+SuperNode authentication its node id is bound to its key (``fedrecon flower-site`` starts
+it again while the SuperLink still counts the killed node as online); without, it has a new
+node id, which the server maps to its site when the node describes itself at the start of
+the next round (before that round's messages go out).
 
 Optional secure aggregation (``secure-aggregation = true``): each round's training runs
 Flower's ``SecAggPlusWorkflow`` (four message exchanges: setup, key sharing, masked vectors,
@@ -51,7 +55,10 @@ in the clear, as Flower's FitRes metrics.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,10 +70,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedrecon.federated import (
+    DiskStore,
     SiteUpdate,
     site_seed,
 )
-from fedrecon.federated.store import atomic_torch_save
 from fedrecon.models import Scope
 from fedrecon.train import seed_everything
 
@@ -86,6 +93,7 @@ __all__ = [
     "FlowerServer",
     "arrays_to_state",
     "client_app",
+    "persisted_state",
     "server_app",
     "state_to_arrays",
 ]
@@ -101,6 +109,22 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 
 # -- client ----------------------------------------------------------------------------------
+class _NodeStore(DiskStore):
+    """The site's :class:`~fedrecon.federated.DiskStore` (``<state_dir>/local``); every write
+    also carries the training loader's RNG state (``loader_rng``), so the LOCAL tensors and
+    the RNG that draws the next batches are one atomically written file: a SuperNode killed
+    at any moment restarts from a consistent pair."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        super().__init__(root)
+        self.train_loader: Any = None
+
+    def put(self, site_id: str, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["loader_rng"] = [g.get_state() for g in loader_generators(self.train_loader)]
+        super().put(site_id, state)
+
+
 class _NodeSite:
     """The site of this SuperNode, rebuilt in every ClientApp process from its own files."""
 
@@ -116,19 +140,50 @@ class _NodeSite:
                              f"{self.config.spec.modality}; the run is {self.run.modality}")
         if self.config.runtime.torch_threads:
             torch.set_num_threads(self.config.runtime.torch_threads)
+        self.state_dir = Path(self.config.runtime.state_dir)
+        store = _NodeStore(self.state_dir / "local")
         self.site = build_site(self.config, self.run.model, init_seed=self.run.seed,
-                               partition=self.run.build_strategy().partition)
-        self._rng_path = Path(self.config.runtime.state_dir) / "loader_rng.pt"
+                               partition=self.run.build_strategy().partition, store=store)
+        store.train_loader = self.site.train_loader
 
     def restore_loader_rng(self) -> None:
-        if self._rng_path.exists():
-            states = torch.load(self._rng_path, weights_only=False)
+        states = (self.site.store.get(self.site.site_id) or {}).get("loader_rng")
+        if states is not None:
             for gen, state in zip(loader_generators(self.site.train_loader), states):
                 gen.set_state(state)
 
-    def save_loader_rng(self) -> None:
-        atomic_torch_save([g.get_state() for g in loader_generators(self.site.train_loader)],
-                          self._rng_path)
+    def fit(self, instructions: Any) -> SiteUpdate:
+        """``Site.fit`` from the state on this site's disk (LOCAL tensors and loader RNG, one
+        file, written again at the end of the fit), with a line in the site's own
+        ``journal.jsonl``: the round, and the round and digest of the state it started from
+        and of the state it saved (:func:`persisted_state`)."""
+        loaded = persisted_state(self.state_dir, self.site.site_id)
+        self.restore_loader_rng()
+        t0 = time.perf_counter()
+        update = self.site.fit(instructions)
+        update.metrics["fit_seconds"] = time.perf_counter() - t0
+        line = {"event": "fit", "round": int(instructions.round), "pid": os.getpid(),
+                "time": time.time(), "loaded": loaded,
+                "saved": persisted_state(self.state_dir, self.site.site_id)}
+        with open(self.state_dir / "journal.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        return update
+
+
+def persisted_state(state_dir: str | os.PathLike, site_id: str) -> dict[str, Any]:
+    """What a site keeps on its disk between rounds, summarized: the round its LOCAL state
+    was last written in (``None`` before its first fit) and a SHA-256 digest of its LOCAL
+    tensors (and personal model) and of its training loader's RNG state."""
+    private = DiskStore(Path(state_dir) / "local").get(site_id) or {}
+    h = hashlib.sha256()
+    for part in ("local", "personal"):
+        for name, t in sorted((private.get(part) or {}).items()):
+            h.update(f"{part}/{name}".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for t in private.get("loader_rng") or []:
+        h.update(b"loader_rng")
+        h.update(t.numpy().tobytes())
+    return {"round": private.get("round"), "digest": h.hexdigest()}
 
 
 client_app = ClientApp()
@@ -156,12 +211,7 @@ def site_fit(node: _NodeSite, msg: Message) -> SiteUpdate:
     instructions = SiteInstructions(int(plan_cfg["round"]), node.site.site_id,
                                     arrays_to_state(msg.content["global"]),
                                     _plan_from_config(plan_cfg))
-    node.restore_loader_rng()
-    t0 = time.perf_counter()
-    update = node.site.fit(instructions)
-    node.save_loader_rng()
-    update.metrics["fit_seconds"] = time.perf_counter() - t0
-    return update
+    return node.fit(instructions)
 
 
 def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
@@ -191,13 +241,9 @@ def _secure_fit(msg: Message, context: Context) -> Message:
     names = node.site.partition.names(node.site.model_factory(), Scope.GLOBAL)
     arrays = parameters_to_ndarrays(fitins.parameters)
     start = {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, arrays)}
-    node.restore_loader_rng()
-    t0 = time.perf_counter()
-    update = node.site.fit(SiteInstructions(int(cfg["round"]), node.site.site_id, start,
-                                            _plan_from_config(cfg)))
-    node.save_loader_rng()
-    metrics = {"site-id": update.site_id, "fit_seconds": time.perf_counter() - t0,
-               **{k: float(v) for k, v in update.metrics.items()}}
+    update = node.fit(SiteInstructions(int(cfg["round"]), node.site.site_id, start,
+                                       _plan_from_config(cfg)))
+    metrics = {"site-id": update.site_id, **{k: float(v) for k, v in update.metrics.items()}}
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
         [update.tensors[n].numpy() for n in names]), update.num_examples, metrics)
     return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["APP_DIR", "TLSFiles", "flower_env", "register", "register_node_command",
-           "run_command", "superlink_command", "supernode_command", "toml_override",
-           "wait_for_status", "write_connection"]
+           "run_command", "run_supernode", "site_command", "superlink_command",
+           "supernode_command", "toml_override", "wait_for_status", "write_connection"]
 
 #: The shipped Flower App (pyproject with [tool.flwr.app]); ``flwr run`` builds it.
 APP_DIR = Path(__file__).resolve().parent / "flower-app"
@@ -169,15 +170,18 @@ def register_node_command(public_key: str | os.PathLike, *,
 
 
 def wait_for_status(run_dir: str | os.PathLike, timeout: float,
-                    poll: float = 0.5) -> dict[str, Any]:
+                    poll: float = 0.5, *, since: float | None = None) -> dict[str, Any]:
     """Wait until the server's ``status.json`` in ``run_dir`` says ``finished`` or
-    ``failed``; returns it. Raises ``TimeoutError``."""
+    ``failed``; returns it. With ``since`` (a ``time.time()``), only a status written after
+    it counts (a resumed run's folder still holds the status of the run before it).
+    Raises ``TimeoutError``."""
     path = Path(run_dir) / "status.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
             status = json.loads(path.read_text(encoding="utf-8"))
-            if status["state"] in ("finished", "failed"):
+            if status["state"] in ("finished", "failed") and (
+                    since is None or status["time"] >= since):
                 return status
         time.sleep(poll)
     raise TimeoutError(f"{path}: the run did not finish within {timeout:.0f} s")
@@ -214,16 +218,96 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return _exec(cmd, flower_env(args.flwr_home))
 
 
+#: What ``flower-supernode`` (flwr 1.42) logs before it exits when the SuperLink refuses to
+#: activate its node: ``[code: 2004] Failed to activate SuperNode.``
+ACTIVATION_REFUSED = "[code: 2004]"
+
+
+def run_supernode(cmd: Sequence[str], env: Mapping[str, str], *,
+                  activation_wait: float = 120.0, retry_every: float = 5.0) -> int:
+    """Run ``flower-supernode`` in the foreground, its output passed through; start it again
+    while the SuperLink refuses to activate its node, for up to ``activation_wait`` seconds.
+
+    Why: with SuperNode authentication a node's id is bound to its key, and flwr 1.42's
+    SuperLink activates a node only when it is *offline*. A SuperNode that was killed
+    (no ``DeactivateNode`` sent) counts as online until its last heartbeat expires
+    (``HEARTBEAT_PATIENCE`` x 30 s, up to 60 s after the kill), and a restart within that
+    window exits at once with exit code 305, ``[code: 2004] Failed to activate SuperNode``.
+    """
+    import signal
+
+    deadline = time.monotonic() + activation_wait
+    stopping = False
+
+    def on_sigterm(*_: Any) -> None:  # reaches the SuperNode: a graceful stop deactivates
+        nonlocal stopping             # its node, so a later start is activated at once
+        stopping = True
+        proc.terminate()
+
+    while True:
+        proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        signal.signal(signal.SIGTERM, on_sigterm)
+        refused = threading.Event()
+
+        def pump(out: Any = proc.stdout, seen: threading.Event = refused) -> None:
+            for line in out:  # until the SuperNode's children let go of the pipe too
+                if ACTIVATION_REFUSED.encode() in line:
+                    seen.set()
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
+
+        # the output is read in a thread and the SuperNode waited for here: its SuperExec
+        # child exits only once its parent is reaped (a zombie still "exists" for it)
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            return proc.wait()
+        reader.join(10.0)
+        if (stopping or rc == 0 or not refused.is_set()
+                or time.monotonic() + retry_every > deadline):
+            return rc
+        print(f"fedrecon: the SuperLink still counts this node as online (killed without "
+              f"deactivating?); starting the SuperNode again in {retry_every:.0f} s",
+              file=sys.stderr, flush=True)
+        time.sleep(retry_every)
+        if stopping:
+            return rc
+
+
+def site_command(*, superlink: str, site_config: str | os.PathLike, port: int,
+                 root_certificates: str | os.PathLike | None = None,
+                 auth_key: str | os.PathLike | None = None,
+                 activation_wait: float | None = None) -> list[str]:
+    """``fedrecon flower-site`` (as ``python -m fedrecon.runners.flower_cli``): the site's
+    SuperNode, started again while the SuperLink refuses to activate it (:func:`run_supernode`)."""
+    cmd = [sys.executable, "-m", "fedrecon.runners.flower_cli", "flower-site",
+           "--site-config", str(Path(site_config).resolve()), "--superlink", superlink,
+           "--port", str(port)]
+    cmd += (["--root-certificates", str(root_certificates)] if root_certificates is not None
+            else ["--insecure"])
+    if auth_key is not None:
+        cmd += ["--auth-key", str(auth_key)]
+    if activation_wait is not None:
+        cmd += ["--activation-wait", str(activation_wait)]
+    return cmd
+
+
 def _cmd_site(args: argparse.Namespace) -> int:
     from .site_config import load_site_config
 
     config = load_site_config(args.site_config)  # fail here, not in the first round
     print(f"site '{config.name}' ({config.spec.modality}), LOCAL state in "
-          f"{config.runtime.state_dir}", file=sys.stderr)
+          f"{config.runtime.state_dir}", file=sys.stderr, flush=True)
     cmd = supernode_command(superlink=args.superlink, site_config=args.site_config,
                             port=args.port, root_certificates=args.root_certificates,
                             auth_key=args.auth_key)
-    return _exec(cmd, flower_env(args.flwr_home, torch_threads=config.runtime.torch_threads))
+    return run_supernode(cmd, flower_env(args.flwr_home,
+                                         torch_threads=config.runtime.torch_threads),
+                         activation_wait=args.activation_wait)
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -243,6 +327,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     home = Path(args.flwr_home or os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
     write_connection(home, args.superlink, root_certificates=args.root_certificates)
     overrides = dict(args.run_config or [])
+    started = time.time()
     rc = _exec(run_command(overrides), flower_env(home))
     if rc != 0 or not args.wait:
         return rc
@@ -250,7 +335,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if run_dir is None:
         print("--wait needs --run-config run-dir=... (a folder of this machine)", file=sys.stderr)
         return 2
-    status = wait_for_status(run_dir, args.timeout)
+    status = wait_for_status(run_dir, args.timeout, since=started)
     print(json.dumps(status))
     return 0 if status["state"] == "finished" else 1
 
@@ -281,6 +366,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--auth-key", default=None,
                    help="the node's private key (SuperNode authentication)")
     p.add_argument("--port", type=int, default=9094, help="the node's local Runtime API port")
+    p.add_argument("--activation-wait", type=float, default=120.0, metavar="SECONDS",
+                   help="after a restart, keep starting the SuperNode while the SuperLink "
+                        "still counts the killed one as online (default 120 s)")
     p.add_argument("--flwr-home", default=None)
     p.set_defaults(func=_cmd_site)
 

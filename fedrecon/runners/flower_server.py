@@ -43,6 +43,11 @@ from .site_config import model_factory
 
 log = logging.getLogger(__name__)
 
+#: Run-config fields a resumed run must share with its checkpoint (FlowerRunConfig names).
+RESUME_FIXED = ("modality", "seed", "fraction", "min_sites", "secure_aggregation",
+                "strategy_name", "strategy_kwargs", "model", "secagg_kwargs")
+
+
 # -- server ----------------------------------------------------------------------------------
 @dataclass
 class _SiteInfo:
@@ -80,7 +85,8 @@ class FlowerServer:
         self._initial = {k: own[k].detach().clone() for k in self.global_names}
         self.sites: dict[str, _SiteInfo] = {}
         self._asked: set[int] = set()
-        self._describing: dict[str, int] = {}  # open describe questions: message id -> node
+        # open describe questions: message id -> (node, when asked)
+        self._describing: dict[str, tuple[int, float]] = {}
         self._rng = np.random.default_rng(config.seed)
         self.completed_rounds = 0
         self._metrics = self.run_dir / "metrics.jsonl"
@@ -95,6 +101,7 @@ class FlowerServer:
                 self._restore()
             else:
                 self._start_fresh()
+            self._status("running")
             for r in range(self.completed_rounds, self.config.num_server_rounds):
                 self._run_round(r)
         except BaseException as err:
@@ -104,11 +111,16 @@ class FlowerServer:
         return self.strategy._require_state()
 
     # -- sites ----------------------------------------------------------------------------
-    def _discover(self, want: int, timeout: float) -> None:
+    def _discover(self, want: int, timeout: float, *, settle: bool = False) -> None:
         """Ask every connected node not yet asked to describe itself, and take the answers
-        that came, until ``want`` sites are known or ``timeout`` seconds passed. Questions
-        stay open across calls, so a SuperNode that joins or restarts (a new node id) is
-        mapped to its site at the start of a later round."""
+        that came, until ``want`` sites are known or ``timeout`` seconds passed.
+
+        Questions stay open across calls. With ``settle``, also wait for the answers of
+        nodes asked less than ``connect-timeout`` seconds ago (a SuperNode that joined or
+        restarted without SuperNode authentication has a new node id: its site is known only
+        once it answered, and the round's messages must go to the new id, not to the old
+        one, which the SuperLink counts as online until its heartbeat expires); a node that
+        never answers delays rounds for ``connect-timeout`` seconds once."""
         deadline = time.monotonic() + timeout
         while True:
             fresh = [n for n in self.grid.get_node_ids() if n not in self._asked]
@@ -118,17 +130,21 @@ class FlowerServer:
                         for n in fresh]
                 for n, m in zip(fresh, msgs):
                     self._audit(m, n, "to_site")
+                asked_at = time.monotonic()
                 for n, mid in zip(fresh, self.grid.push_messages(msgs)):
                     self._asked.add(n)
                     if mid:
-                        self._describing[mid] = n
+                        self._describing[mid] = (n, asked_at)
             if self._describing:
                 for reply in self.grid.pull_messages(list(self._describing)):
-                    n = self._describing.pop(reply.metadata.reply_to_message_id, None)
+                    n, _ = self._describing.pop(reply.metadata.reply_to_message_id, (None, 0.0))
                     if n is not None and not reply.has_error():
                         self._audit(reply, n, "from_site")
                         self._add_site(n, reply.content["site"])
-            if len(self.sites) >= want or time.monotonic() >= deadline:
+            now = time.monotonic()
+            waiting = settle and any(now < t + self.config.connect_timeout
+                                     for _, t in self._describing.values())
+            if not waiting and (len(self.sites) >= want or now >= deadline):
                 return
             time.sleep(_POLL_S)
 
@@ -170,6 +186,14 @@ class FlowerServer:
         if ckpt["strategy_name"] != self.strategy.name:
             raise ValueError(f"{self._ckpt}: the run used strategy '{ckpt['strategy_name']}'; "
                              f"got '{self.strategy.name}'")
+        # what a resumed run may change: its length, waits and evaluation schedule, not what
+        # it computes
+        now = self.config.as_dict()
+        changed = sorted(k for k in RESUME_FIXED if ckpt["config"].get(k) != now.get(k))
+        if changed:
+            had = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in changed)
+            raise ValueError(f"{self._ckpt}: 'resume = true' with other {', '.join(changed)} "
+                             f"than the run had ({had})")
         self.strategy.load_state_dict(ckpt["strategy"])
         self.completed_rounds = int(ckpt["completed_rounds"])
         self._rng.bit_generator.state = ckpt["runner_rng"]
@@ -190,7 +214,7 @@ class FlowerServer:
 
     def _run_round(self, r: int) -> None:
         t_round = time.perf_counter()
-        self._discover(0, 0.0)  # pick up SuperNodes that joined or restarted
+        self._discover(0, 0.0, settle=True)  # SuperNodes that joined or restarted
         sampled = self._sample()
         instructions = self.strategy.configure(r, sampled)
         rows = {sid: {k: None for k in RECORD_FIELDS} | {
@@ -219,6 +243,7 @@ class FlowerServer:
                 rows[sid].update(m)
         self._write_records(rows.values())
         self._commit(r + 1)
+        self._status("running")  # with the new completed_rounds
         log.info("round %d/%d: %d/%d sites answered (missing %s) in %.1f s", r + 1,
                  self.config.num_server_rounds, len(answered), len(sampled), missing,
                  time.perf_counter() - t_round)

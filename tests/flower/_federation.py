@@ -22,6 +22,7 @@ from fedrecon.runners.flower_cli import (
     flower_env,
     register_node_command,
     run_command,
+    site_command,
     superlink_command,
     supernode_command,
     wait_for_status,
@@ -107,8 +108,12 @@ class Federation:
             port=self.port, tls=self.tls, supernode_auth=self.supernode_auth))
         wait_for_port(self.port, 60.0, proc)
 
-    def start_site(self, name: str, site_toml: Path, auth_key: Path | None = None) -> None:
-        self._start(name, supernode_command(
+    def start_site(self, name: str, site_toml: Path, auth_key: Path | None = None, *,
+                   launcher: bool = False) -> None:
+        """The site's SuperNode; ``launcher``: through ``fedrecon flower-site``, which starts
+        it again while the SuperLink refuses to activate it (a restart after a kill)."""
+        make = site_command if launcher else supernode_command
+        self._start(name, make(
             superlink=self.address, site_config=site_toml, port=free_port(),
             root_certificates=self.tls.ca_cert if self.tls else None, auth_key=auth_key))
 
@@ -120,10 +125,11 @@ class Federation:
         return self.flwr(register_node_command(public_key))
 
     def run(self, run_dir: Path, config: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        started = time.time()
         res = self.flwr(run_command({**config, "run-dir": str(run_dir)}))
         if res.returncode != 0:
             raise RuntimeError(f"flwr run failed:\n{res.stdout}\n{res.stderr}")
-        return wait_for_status(run_dir, timeout)
+        return wait_for_status(run_dir, timeout, since=started)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal the process group that the process ``name`` leads (by its PID), then

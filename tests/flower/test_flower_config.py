@@ -97,3 +97,48 @@ def test_certificates_chain_and_node_keys(tmp_path):
     assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(pub, ec.EllipticCurvePublicKey)
     assert key.public_key().public_numbers() == pub.public_numbers()
     assert paths["ca.key"].stat().st_mode & 0o077 == 0
+
+
+def test_site_launcher_restarts_only_a_refused_activation(tmp_path, capsys):
+    """``fedrecon flower-site`` starts the SuperNode again while the SuperLink refuses to
+    activate its node (flwr's ``[code: 2004]``), and not after any other exit."""
+    from fedrecon.runners.flower_cli import ACTIVATION_REFUSED, run_supernode
+
+    count = tmp_path / "count"
+    fake = tmp_path / "fake.py"
+    fake.write_text(
+        "import pathlib, sys\n"
+        f"p = pathlib.Path({str(count)!r})\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        "refusals, code = int(sys.argv[1]), int(sys.argv[2])\n"
+        f"print({ACTIVATION_REFUSED!r} + ' Failed to activate SuperNode.' if n <= refusals "
+        "else 'SuperNode ID: 1', flush=True)\n"
+        "sys.exit(1 if n <= refusals else code)\n")
+    rc = run_supernode([sys.executable, str(fake), "2", "0"], {}, activation_wait=30.0,
+                       retry_every=0.01)
+    assert rc == 0 and count.read_text() == "3"
+    count.unlink()
+    rc = run_supernode([sys.executable, str(fake), "0", "3"], {}, activation_wait=30.0,
+                       retry_every=0.01)  # another failure: no restart
+    assert rc == 3 and count.read_text() == "1"
+    count.unlink()
+    rc = run_supernode([sys.executable, str(fake), "5", "0"], {}, activation_wait=0.0,
+                       retry_every=0.01)  # gives up after activation_wait
+    assert rc == 1 and count.read_text() == "1"
+
+
+def test_resume_refuses_another_computation(tmp_path):
+    """A resumed run may change its length, not its seed, strategy or model."""
+    import torch
+
+    from fedrecon.runners.flower_server import CHECKPOINT_FORMAT, FlowerServer
+
+    cfg = FlowerRunConfig.from_run_config({**RUN_CONFIG, "run-dir": str(tmp_path)})
+    torch.save({"format": CHECKPOINT_FORMAT, "runner": "flower", "strategy_name": "fedavg",
+                "config": {**cfg.as_dict(), "seed": 1, "num_server_rounds": 7}},
+               tmp_path / "checkpoint.pt")
+    server = FlowerServer(None, FlowerRunConfig.from_run_config(
+        {**RUN_CONFIG, "run-dir": str(tmp_path), "resume": True}))
+    with pytest.raises(ValueError, match=r"other seed than the run had \(seed=1\)"):
+        server._restore()

@@ -5,6 +5,7 @@ other site). Run with ``make test-slow`` or ``pytest -m slow tests/flower``."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import signal
 import sys
@@ -125,3 +126,141 @@ def test_secure_aggregation_gives_the_plain_fedavg_prior(tmp_path):
         assert not keys & local_names
         if m["direction"] == "from_site" and m["type"] == "train":
             assert not keys & global_names, m
+
+
+def _journal(state_dir: Path) -> list[dict]:
+    path = state_dir / "journal.jsonl"
+    return [json.loads(s) for s in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_a_restarted_site_continues_from_its_own_disk(tmp_path):
+    """SuperNode authentication (a node id bound to the site's key): ct1's SuperNode is
+    SIGKILLed after round 0 and started again at once with the same site config and key.
+    flwr 1.42's SuperLink refuses to activate it while the killed one still counts as online
+    (until its heartbeat expires), so it is started through ``fedrecon flower-site``, which
+    starts it again until it is activated. It takes part in later rounds, and every fit it
+    makes starts from exactly the LOCAL state and loader RNG it saved last (its journal
+    chains), the first one after the restart from what was on its disk at the kill."""
+    from fedrecon.runners.flower import persisted_state
+
+    certs = _make_certificates()(tmp_path / "certs", nodes=["ct0", "ct1"])
+    fed = Federation(tmp_path, tls=TLSFiles.from_dir(tmp_path / "certs"), supernode_auth=True)
+    run_dir = tmp_path / "run"
+    rounds = 5
+    try:
+        fed.start_superlink()
+        for k in (0, 1):
+            res = fed.register(certs[f"nodes/ct{k}.pub"])
+            assert res.returncode == 0, res.stdout + res.stderr
+        tomls = {}
+        for k in (0, 1):
+            cfg = write_ct_site(tmp_path, k)
+            tomls[cfg.name] = tmp_path / f"ct{k}.toml"
+            tomls[cfg.name].write_text(site_config_to_toml(cfg))
+            fed.start_site(cfg.name, tomls[cfg.name], auth_key=certs[f"nodes/ct{k}"],
+                           launcher=cfg.name == "ct1")
+        state1 = tmp_path / "ct1" / "state"
+        config = {**RUN_CONFIG, "num-server-rounds": rounds, "eval-every": rounds,
+                  "min-sites": 1, "expected-sites": 2, "round-timeout": 40.0,
+                  "run-dir": str(run_dir)}
+        res = fed.flwr(run_command(config))
+        assert res.returncode == 0, res.stdout + res.stderr
+        # kill ct1 (its SuperNode, SuperExec and any ClientApp) once round 0 is committed
+        deadline = time.monotonic() + 180.0
+        while not (run_dir / "status.json").exists() or json.loads(
+                (run_dir / "status.json").read_text())["completed_rounds"] < 1:
+            assert time.monotonic() < deadline, fed.log_tail()
+            time.sleep(0.2)
+        fed.kill("ct1", signal.SIGKILL)
+        t_kill = time.time()
+        at_kill = persisted_state(state1, "ct1")
+        before = _journal(state1)
+        assert before and at_kill == before[-1]["saved"]  # nothing half-written
+        fed.start_site("ct1", tomls["ct1"], auth_key=certs["nodes/ct1"], launcher=True)
+        status = wait_for_status(run_dir, 400.0)
+        assert status["state"] == "finished", (status, fed.log_tail())
+
+        records = {(r["round"], r["site"]): r for r in read_metrics(run_dir)}
+        assert records[0, "ct1"]["participated"] and records[0, "ct0"]["participated"]
+        journal = _journal(state1)
+        after = [j for j in journal if j["time"] > t_kill]
+        assert after, fed.log_tail()
+        # the first fit after the restart starts from what was on disk at the kill ...
+        assert after[0]["loaded"] == at_kill
+        assert after[0]["loaded"]["round"] == before[-1]["round"]
+        # ... and every fit from the state the previous one saved (rounds only grow)
+        for prev, cur in itertools.pairwise(journal):
+            assert cur["loaded"] == prev["saved"], (prev, cur)
+            assert cur["round"] > prev["round"], (prev, cur)
+        # the server got ct1's updates after the restart
+        back = [r for r in range(rounds) if records[r, "ct1"]["participated"]
+                and r > before[-1]["round"]]
+        assert back, [(r, records[r, "ct1"]) for r in range(rounds)]
+        assert set(back) <= {j["round"] for j in after}
+        assert rounds - 1 in back and records[rounds - 1, "ct1"]["psnr"] is not None
+        final = torch.load(state1 / "local" / "ct1.pt", weights_only=False)
+        assert final["round"] == journal[-1]["round"] == rounds - 1
+        assert persisted_state(state1, "ct1") == journal[-1]["saved"]
+        assert torch.load(run_dir / "checkpoint.pt",
+                          weights_only=False)["completed_rounds"] == rounds
+        print(f"ct1 killed after round {before[-1]['round']}, back in rounds {back}")
+    except BaseException:
+        print(fed.log_tail())
+        raise
+    finally:
+        fed.stop()
+
+
+@pytest.mark.slow
+def test_resume_after_the_federation_was_stopped(tmp_path):
+    """``resume = true``: 2 rounds, then SuperLink, ServerApp and SuperNodes all stopped;
+    a new federation (new SuperLink, new node ids) on the same folders continues the run
+    for rounds 2 and 3. The result is that of an uninterrupted 4-round run: the global prior
+    and the records equal the embedded runner's 4 rounds (which equals an uninterrupted
+    Flower run: tests/flower/test_flower.py), and each site's fits chain across the stop."""
+    from fedrecon.runners import SimulationRunner
+    from fedrecon.runners.flower import FlowerRunConfig
+    from fedrecon.runners.site_config import build_site, with_runtime
+
+    run_dir = tmp_path / "run"
+    first = {**RUN_CONFIG, "num-server-rounds": 2, "eval-every": 2}
+    with federation(tmp_path) as (fed, sites):
+        status = fed.run(run_dir, first, timeout=300.0)
+        assert status["state"] == "finished", (status, fed.log_tail())
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["completed_rounds"] == 2
+    resumed = {**first, "num-server-rounds": 4, "resume": True}
+    with federation(tmp_path) as (fed, _):
+        status = fed.run(run_dir, resumed, timeout=300.0)
+        assert status["state"] == "finished", (status, fed.log_tail())
+        assert status["completed_rounds"] == 4
+        # a resume must not change what the run computes
+        bad = fed.run(tmp_path / "run", {**resumed, "strategy.lr": 1e-2}, timeout=120.0)
+        assert bad["state"] == "failed" and "strategy_kwargs" in bad["error"], bad
+    records = read_metrics(run_dir)
+    assert [(r["round"], r["site"]) for r in records] == [
+        (r, s) for r in range(4) for s in ("ct0", "ct1")]
+    assert all(r["participated"] for r in records)
+    for cfg in sites:
+        journal = _journal(Path(cfg.runtime.state_dir))
+        assert [j["round"] for j in journal] == [0, 1, 2, 3]
+        for prev, cur in itertools.pairwise(journal):
+            assert cur["loaded"] == prev["saved"]
+
+    cfg = FlowerRunConfig.from_run_config({**resumed, "run-dir": str(run_dir)})
+    strategy = cfg.build_strategy()
+    embedded_sites = [build_site(with_runtime(s, state_dir=str(tmp_path / "emb" / s.name)),
+                                 cfg.model, init_seed=cfg.seed, partition=strategy.partition)
+                      for s in sites]
+    expected = SimulationRunner(embedded_sites, strategy, rounds=4, run_dir=tmp_path / "emb",
+                                seed=cfg.seed, min_sites=cfg.min_sites,
+                                eval_every=cfg.eval_every, progress=False).run().global_state
+    got = torch.load(run_dir / "checkpoint.pt", weights_only=False)["strategy"]["global_state"]
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(records, read_metrics(tmp_path / "emb")):
+        assert (a["round"], a["site"]) == (b["round"], b["site"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert (a["psnr"] is None) == (b["psnr"] is None)
+        if b["psnr"] is not None:
+            assert a["psnr"] == pytest.approx(b["psnr"], rel=1e-5)
