@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _matrix_cache
+from . import _matrix_cache, _triton_ct
 from ._checks import as_image_size, check_positive, check_real, check_trailing_shape
 from .base import LinearOperator
 from .registry import register_operator
 
-__all__ = ["CTGeometry", "ParallelBeam2D", "FanBeam2D", "clear_projector_cache"]
+__all__ = ["CTGeometry", "FanBeam2D", "ParallelBeam2D", "clear_projector_cache"]
 
 
 @dataclass(frozen=True)
@@ -247,11 +247,37 @@ def _as_float_tensor(name: str, value: Sequence[float] | Tensor) -> Tensor:
     return t
 
 
-class _Projector2D(LinearOperator):
-    """Shared machinery: geometry, matrix lookup, batching and checks."""
+class _TritonApply(torch.autograd.Function):
+    """Matrix-free CUDA projection (``_triton_ct``) whose vector-Jacobian product is the
+    matched other direction (twice differentiable)."""
 
-    def __init__(self, geom: CTGeometry) -> None:
+    @staticmethod
+    def forward(ctx, t: Tensor, geom: CTGeometry, transpose: bool) -> Tensor:  # type: ignore[override]
+        ctx.geom, ctx.transpose = geom, transpose
+        fn = _triton_ct.joseph2d_adjoint if transpose else _triton_ct.joseph2d_forward
+        return fn(geom, t.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _TritonApply.apply(grad, ctx.geom, not ctx.transpose), None, None
+
+
+BACKENDS = ("auto", "sparse", "triton")
+
+
+class _Projector2D(LinearOperator):
+    """Shared machinery: geometry, matrix lookup, batching and checks.
+
+    ``backend``: ``"sparse"`` (the cached CSR matrix, CPU and CUDA), ``"triton"``
+    (matrix-free fused CUDA kernels, float32/float16/bfloat16, no matrix memory) or
+    ``"auto"`` (Triton on CUDA when it is installed, else sparse).
+    """
+
+    def __init__(self, geom: CTGeometry, backend: str = "auto") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"argument 'backend' must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        self.backend = backend
         self.geometry = geom
         self.register_buffer("angles", torch.tensor(geom.angles, dtype=torch.float32))
         self.domain_shape = geom.image_size
@@ -289,19 +315,35 @@ class _Projector2D(LinearOperator):
              out_shape: tuple[int, ...], transpose: bool) -> Tensor:
         check_trailing_shape(name, t, in_shape, owner=type(self).__name__)
         check_real(name, t, owner=type(self).__name__)
+        batch = t.shape[: t.ndim - 2]
+        if self._use_triton(t):
+            flat = t.reshape(-1, *in_shape)
+            if flat.shape[0] == 0:
+                return t.new_zeros(*batch, *out_shape)
+            return _TritonApply.apply(flat, self.geometry, transpose).reshape(*batch, *out_shape)
         mat, mat_t = self.matrices(t.dtype, t.device)
         if transpose:
             mat, mat_t = mat_t, mat
-        batch = t.shape[: t.ndim - 2]
         flat = t.reshape(-1, in_shape[0] * in_shape[1]).T
         out = _SparseApply.apply(flat.contiguous(), mat, mat_t)
         return out.T.reshape(*batch, *out_shape)
 
-    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+    def _use_triton(self, t: Tensor) -> bool:
+        if self.backend == "sparse":
+            return False
+        ok = _triton_ct.available(t.device) and t.dtype != torch.float64
+        if self.backend == "auto":
+            return ok and t.is_cuda
+        if not ok:
+            raise RuntimeError(f"{type(self).__name__}(backend='triton') needs Triton, a CUDA tensor "
+                               f"and float32/float16/bfloat16 data; got {t.device} {t.dtype}")
+        return ok
+
+    def A(self, x: Tensor) -> Tensor:
         """Forward projection ``(..., H, W) -> (..., n_angles, det_count)``."""
         return self._run(x, "x", self.domain_shape, self.range_shape, transpose=False)
 
-    def A_adjoint(self, y: Tensor) -> Tensor:  # noqa: N802
+    def A_adjoint(self, y: Tensor) -> Tensor:
         """Matched backprojection ``(..., n_angles, det_count) -> (..., H, W)``."""
         return self._run(y, "y", self.range_shape, self.domain_shape, transpose=True)
 
@@ -311,7 +353,7 @@ class _Projector2D(LinearOperator):
              f"det_spacing={g.det_spacing}, pixel_spacing={g.pixel_spacing}")
         if g.kind == "fan":
             s += f", source_distance={g.source_distance}, detector_distance={g.detector_distance}"
-        return s
+        return s + f", backend={self.backend!r}"
 
 
 def _common_geometry(image_size: int | Sequence[int], angles: Sequence[float] | Tensor | None,
@@ -352,17 +394,21 @@ class ParallelBeam2D(_Projector2D):
         Bin width and pixel width in the same length unit (default 1: pixel units).
     det_offset
         Shift of the detector centre along ``u`` (same unit).
+    backend
+        ``"auto"`` (default: matrix-free Triton kernels on CUDA when Triton is installed,
+        else the cached sparse matrix), ``"sparse"`` or ``"triton"``.
     """
 
     def __init__(self, image_size: int | Sequence[int], angles: Sequence[float] | Tensor | None = None,
                  det_count: int | None = None, det_spacing: float = 1.0, *,
-                 n_angles: int = 180, pixel_spacing: float = 1.0, det_offset: float = 0.0) -> None:
+                 n_angles: int = 180, pixel_spacing: float = 1.0, det_offset: float = 0.0,
+                 backend: str = "auto") -> None:
         h, w, ang, ps, ds = _common_geometry(image_size, angles, n_angles, math.pi,
                                              pixel_spacing, det_spacing)
         if det_count is None:
             det_count = math.ceil(math.hypot(h, w) * ps / ds) + 1
         super().__init__(CTGeometry("parallel", (h, w), tuple(ang.tolist()),
-                                    _check_det_count(det_count), ds, float(det_offset), ps))
+                                    _check_det_count(det_count), ds, float(det_offset), ps), backend)
 
 
 class FanBeam2D(_Projector2D):
@@ -379,12 +425,14 @@ class FanBeam2D(_Projector2D):
     source_distance, detector_distance
         Source-to-isocentre and isocentre-to-detector distances (same unit as the pixel
         spacing). The source must lie outside the image's circumscribed circle.
+    backend
+        As for ``ParallelBeam2D``.
     """
 
     def __init__(self, image_size: int | Sequence[int], angles: Sequence[float] | Tensor | None = None,
                  det_count: int | None = None, det_spacing: float = 1.0, *,
                  source_distance: float, detector_distance: float, n_angles: int = 360,
-                 pixel_spacing: float = 1.0, det_offset: float = 0.0) -> None:
+                 pixel_spacing: float = 1.0, det_offset: float = 0.0, backend: str = "auto") -> None:
         h, w, ang, ps, ds = _common_geometry(image_size, angles, n_angles, 2 * math.pi,
                                              pixel_spacing, det_spacing)
         dso = check_positive("source_distance", source_distance)
@@ -401,7 +449,7 @@ class FanBeam2D(_Projector2D):
             half = radius * (dso + dod) / math.sqrt(dso**2 - radius**2)
             det_count = math.ceil(2 * half / ds) + 1
         super().__init__(CTGeometry("fan", (h, w), tuple(ang.tolist()), _check_det_count(det_count),
-                                    ds, float(det_offset), ps, dso, dod))
+                                    ds, float(det_offset), ps, dso, dod), backend)
 
     @property
     def magnification(self) -> float:

@@ -50,7 +50,9 @@ def timeit(fn: Callable[[], object], repeats: int, device: torch.device) -> floa
 
 
 def fmt_ms(t: float | None) -> str:
-    return "n/a" if t is None else f"{1e3 * t:.1f}"
+    if t is None:
+        return "n/a"
+    return f"{1e3 * t:.1f}" if t >= 0.01 else f"{1e3 * t:.3f}"
 
 
 def ratio(ref: float | None, ours: float) -> str:

@@ -23,7 +23,7 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _samples(op, n: int = 2, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=op.device).manual_seed(seed)
     dt = torch.float64
     x = op.randn_domain(n, *op.batch_shape, generator=gen, dtype=dt)
     y = op.randn_range(n, *op.batch_shape, generator=gen, dtype=dt)
