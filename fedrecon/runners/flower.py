@@ -60,6 +60,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ from fedrecon.federated import (
     SiteUpdate,
     site_seed,
 )
+from fedrecon.federated.store import atomic_torch_save
 from fedrecon.models import Scope
 from fedrecon.train import seed_everything
 
@@ -95,6 +97,7 @@ __all__ = [
     "client_app",
     "persisted_state",
     "server_app",
+    "state_summary",
     "state_to_arrays",
 ]
 
@@ -110,18 +113,49 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 # -- client ----------------------------------------------------------------------------------
 class _NodeStore(DiskStore):
-    """The site's :class:`~fedrecon.federated.DiskStore` (``<state_dir>/local``); every write
-    also carries the training loader's RNG state (``loader_rng``), so the LOCAL tensors and
-    the RNG that draws the next batches are one atomically written file: a SuperNode killed
-    at any moment restarts from a consistent pair."""
+    """The site's :class:`~fedrecon.federated.DiskStore` (``<state_dir>/local``).
+
+    Every write also carries the training loader's RNG state (``loader_rng``) and the run's
+    key (``run_key``), so the LOCAL tensors and the RNG that draws the next batches are one
+    atomically written file: a SuperNode killed at any moment restarts from a consistent
+    pair. ``<site>.before.pt`` keeps the state the last fit started from: a fit that repeats
+    the round of the last one in the same run (a run resumed from the checkpoint of the
+    round before, after the site had already trained in the unfinished round) starts from
+    it, as it did the first time, instead of training that round twice.
+    """
 
     def __init__(self, root: str | os.PathLike) -> None:
         super().__init__(root)
         self.train_loader: Any = None
+        self.fit_key: tuple[str, int] | None = None  # (run key, round) of the fit under way
+
+    def _before(self, site_id: str) -> Path:
+        return self._path(site_id).with_name(f"{site_id}.before.pt")
+
+    def repeats(self, current: Mapping[str, Any] | None) -> bool:
+        """Whether the fit under way repeats the one that wrote ``current``."""
+        return (self.fit_key is not None and current is not None
+                and current.get("run_key") is not None
+                and (current["run_key"], current.get("round")) == self.fit_key)
+
+    def get(self, site_id: str) -> dict[str, Any] | None:
+        current = super().get(site_id)
+        if not self.repeats(current):
+            return current
+        before = self._before(site_id)
+        return torch.load(before, map_location="cpu", weights_only=False) \
+            if before.exists() else None
 
     def put(self, site_id: str, state: dict[str, Any]) -> None:
         state = dict(state)
         state["loader_rng"] = [g.get_state() for g in loader_generators(self.train_loader)]
+        if self.fit_key is not None:
+            state["run_key"] = self.fit_key[0]
+        current = super().get(site_id)
+        if current is None:
+            self._before(site_id).unlink(missing_ok=True)
+        elif not self.repeats(current):
+            atomic_torch_save(current, self._before(site_id))
         super().put(site_id, state)
 
 
@@ -152,29 +186,41 @@ class _NodeSite:
             for gen, state in zip(loader_generators(self.site.train_loader), states):
                 gen.set_state(state)
 
-    def fit(self, instructions: Any) -> SiteUpdate:
+    def fit(self, instructions: Any, run_key: str | None = None) -> SiteUpdate:
         """``Site.fit`` from the state on this site's disk (LOCAL tensors and loader RNG, one
-        file, written again at the end of the fit), with a line in the site's own
+        file, written again at the end of the fit; for a repeated round of run ``run_key``,
+        the state before its first try: :class:`_NodeStore`), with a line in the site's own
         ``journal.jsonl``: the round, and the round and digest of the state it started from
-        and of the state it saved (:func:`persisted_state`)."""
-        loaded = persisted_state(self.state_dir, self.site.site_id)
+        and of the state it saved (:func:`state_summary`)."""
+        store = self.site.store
+        sid = self.site.site_id
+        store.fit_key = (run_key, int(instructions.round)) if run_key else None
+        repeat = store.repeats(DiskStore.get(store, sid))
+        loaded = state_summary(store.get(sid))
         self.restore_loader_rng()
         t0 = time.perf_counter()
         update = self.site.fit(instructions)
         update.metrics["fit_seconds"] = time.perf_counter() - t0
-        line = {"event": "fit", "round": int(instructions.round), "pid": os.getpid(),
-                "time": time.time(), "loaded": loaded,
-                "saved": persisted_state(self.state_dir, self.site.site_id)}
+        store.fit_key = None
+        line = {"event": "fit", "round": int(instructions.round), "run_key": run_key,
+                "repeat": repeat, "pid": os.getpid(), "time": time.time(), "loaded": loaded,
+                "saved": persisted_state(self.state_dir, sid)}
         with open(self.state_dir / "journal.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
         return update
 
 
 def persisted_state(state_dir: str | os.PathLike, site_id: str) -> dict[str, Any]:
-    """What a site keeps on its disk between rounds, summarized: the round its LOCAL state
-    was last written in (``None`` before its first fit) and a SHA-256 digest of its LOCAL
-    tensors (and personal model) and of its training loader's RNG state."""
-    private = DiskStore(Path(state_dir) / "local").get(site_id) or {}
+    """What a site keeps on its disk between rounds (``<state_dir>/local/<site>.pt``),
+    summarized by :func:`state_summary`."""
+    return state_summary(DiskStore(Path(state_dir) / "local").get(site_id))
+
+
+def state_summary(private: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The round a site's stored state was written in (``None`` before its first fit) and a
+    SHA-256 digest of its LOCAL tensors (and personal model) and of its training loader's
+    RNG state."""
+    private = private or {}
     h = hashlib.sha256()
     for part in ("local", "personal"):
         for name, t in sorted((private.get(part) or {}).items()):
@@ -211,7 +257,7 @@ def site_fit(node: _NodeSite, msg: Message) -> SiteUpdate:
     instructions = SiteInstructions(int(plan_cfg["round"]), node.site.site_id,
                                     arrays_to_state(msg.content["global"]),
                                     _plan_from_config(plan_cfg))
-    return node.fit(instructions)
+    return node.fit(instructions, run_key=str(plan_cfg.get("run-key", "")) or None)
 
 
 def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
@@ -242,7 +288,8 @@ def _secure_fit(msg: Message, context: Context) -> Message:
     arrays = parameters_to_ndarrays(fitins.parameters)
     start = {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, arrays)}
     update = node.fit(SiteInstructions(int(cfg["round"]), node.site.site_id, start,
-                                       _plan_from_config(cfg)))
+                                       _plan_from_config(cfg)),
+                      run_key=str(cfg.get("run-key", "")) or None)
     metrics = {"site-id": update.site_id, **{k: float(v) for k, v in update.metrics.items()}}
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
         [update.tensors[n].numpy() for n in names]), update.num_examples, metrics)

@@ -127,9 +127,12 @@ def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
 
 
-def _plan_to_config(round: int, site_id: str, plan: TrainingPlan) -> ConfigRecord:
+def _plan_to_config(round: int, site_id: str, plan: TrainingPlan,
+                    run_key: str = "") -> ConfigRecord:
+    """A site's plan of one round; ``run-key`` names the run (kept across a resume), so a
+    site can tell a repeated round of the same run from a round of another run."""
     values = {k: v for k, v in dataclasses.asdict(plan).items() if v is not None}
-    return ConfigRecord({"round": round, "site-id": site_id, **values})
+    return ConfigRecord({"round": round, "site-id": site_id, "run-key": run_key, **values})
 
 
 def _plan_from_config(config: Mapping[str, Any]) -> TrainingPlan:

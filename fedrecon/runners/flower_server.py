@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class FlowerServer:
         # open describe questions: message id -> (node, when asked)
         self._describing: dict[str, tuple[int, float]] = {}
         self._rng = np.random.default_rng(config.seed)
+        self.run_key = secrets.token_hex(8)  # this run's name for the sites; kept on resume
         self.completed_rounds = 0
         self._metrics = self.run_dir / "metrics.jsonl"
         self._ckpt = self.run_dir / "checkpoint.pt"
@@ -197,6 +199,7 @@ class FlowerServer:
         self.strategy.load_state_dict(ckpt["strategy"])
         self.completed_rounds = int(ckpt["completed_rounds"])
         self._rng.bit_generator.state = ckpt["runner_rng"]
+        self.run_key = str(ckpt.get("run_key") or self.run_key)
         with open(self._metrics, "r+b") as f:
             f.truncate(int(ckpt["metrics_bytes"]))
         self._discover(len(self.strategy.site_ids), self.config.connect_timeout)
@@ -254,7 +257,8 @@ class FlowerServer:
         for sid, ins in instructions.items():
             if sid in self.sites:
                 content = RecordDict({"global": state_to_arrays(ins.global_state),
-                                      "plan": _plan_to_config(r, sid, ins.plan)})
+                                      "plan": _plan_to_config(r, sid, ins.plan,
+                                                              self.run_key)})
                 msgs[self.sites[sid].node_id] = self._message(content, sid, "train", r)
         replies = self._exchange(msgs, self.config.round_timeout, f"round {r} train")
         updates: list[SiteUpdate] = []
@@ -320,7 +324,8 @@ class FlowerServer:
                 node = self.sites[sid].node_id
                 params = ndarrays_to_parameters([ins.global_state[n].numpy() for n in names])
                 proxy = GridClientProxy(node, self.grid, self.grid.run.run_id)
-                fit_ins[sid] = (proxy, FitIns(params, dict(_plan_to_config(r, sid, ins.plan))))
+                fit_ins[sid] = (proxy, FitIns(params, dict(_plan_to_config(
+                    r, sid, ins.plan, self.run_key))))
         adapter = _SecAggStrategy(list(fit_ins.values()))
         context = self.context
         if context is None:
@@ -421,6 +426,7 @@ class FlowerServer:
                 "completed_rounds": completed, "strategy_name": self.strategy.name,
                 "strategy": self.strategy.state_dict(), "site_ids": list(self.strategy.site_ids),
                 "config": self.config.as_dict(), "runner_rng": self._rng.bit_generator.state,
+                "run_key": self.run_key,
                 "metrics_bytes": self._metrics.stat().st_size}
         atomic_torch_save(ckpt, self._ckpt)
         self.completed_rounds = completed

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import tomllib
+import torch
 from fedrecon.datasets import ConfigError
 
 from fedrecon.runners.flower import FlowerRunConfig, arrays_to_state, state_to_arrays
@@ -142,3 +144,42 @@ def test_resume_refuses_another_computation(tmp_path):
         {**RUN_CONFIG, "run-dir": str(tmp_path), "resume": True}))
     with pytest.raises(ValueError, match=r"other seed than the run had \(seed=1\)"):
         server._restore()
+
+
+def test_a_repeated_round_starts_from_the_state_before_it(tmp_path):
+    """The ClientApp's site store: a fit repeating the round of the last fit of the same
+    run (a run resumed from the checkpoint before that round) starts from the state before
+    the first try and saves the very same state; a fit of another run trains on top."""
+    from flwr.app import Context, RecordDict
+
+    from fedrecon.federated import SiteInstructions, TrainingPlan
+    from fedrecon.runners.flower import _NodeSite, persisted_state
+
+    cfg = write_ct_site(tmp_path, 0)
+    toml = tmp_path / "ct0.toml"
+    toml.write_text(site_config_to_toml(cfg))
+    node = _NodeSite(Context(1, 1, {"site-config": str(toml)}, RecordDict(),
+                             {**RUN_CONFIG, "run-dir": str(tmp_path / "run")}))
+    state_dir = Path(cfg.runtime.state_dir)
+    start = node.site.initial_global_state()
+    plan = TrainingPlan(local_steps=1, lr=1e-3)
+
+    def fit(r, key):
+        return node.fit(SiteInstructions(r, "ct0", start, plan), run_key=key)
+
+    fit(0, "a")
+    s0 = persisted_state(state_dir, "ct0")
+    u1 = fit(1, "a")
+    s1 = persisted_state(state_dir, "ct0")
+    u1_again = fit(1, "a")  # repeated: from s0 again, to s1 again
+    assert persisted_state(state_dir, "ct0") == s1
+    for k in u1.tensors:
+        assert torch.equal(u1.tensors[k], u1_again.tensors[k]), k
+    journal = [json.loads(s) for s in (state_dir / "journal.jsonl").read_text().splitlines()]
+    assert [(j["round"], j["repeat"]) for j in journal] == [(0, False), (1, False), (1, True)]
+    assert journal[2]["loaded"] == journal[1]["loaded"] == s0
+    fit(1, "b")  # round 1 of another run: on top of what the site has
+    assert journal[-1]["saved"] == s1
+    last = json.loads((state_dir / "journal.jsonl").read_text().splitlines()[-1])
+    assert last["loaded"] == s1 and not last["repeat"]
+    assert last["saved"] != s1 and last["saved"]["round"] == 1

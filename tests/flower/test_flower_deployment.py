@@ -4,6 +4,7 @@ other site). Run with ``make test-slow`` or ``pytest -m slow tests/flower``."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -134,23 +135,27 @@ def _journal(state_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_restarted_site_continues_from_its_own_disk(tmp_path):
-    """SuperNode authentication (a node id bound to the site's key): ct1's SuperNode is
-    SIGKILLed after round 0 and started again at once with the same site config and key.
-    flwr 1.42's SuperLink refuses to activate it while the killed one still counts as online
-    (until its heartbeat expires), so it is started through ``fedrecon flower-site``, which
-    starts it again until it is activated. It takes part in later rounds, and every fit it
-    makes starts from exactly the LOCAL state and loader RNG it saved last (its journal
-    chains), the first one after the restart from what was on its disk at the kill."""
+@pytest.mark.parametrize("auth", [True, False], ids=["node-auth", "no-auth"])
+def test_a_restarted_site_continues_from_its_own_disk(tmp_path, auth):
+    """ct1's SuperNode is SIGKILLed after round 0 and started again at once with the same
+    site config. With SuperNode authentication its node id is bound to its key and flwr
+    1.42's SuperLink refuses to activate it while the killed one still counts as online
+    (until its heartbeat expires): it is started through ``fedrecon flower-site``, which
+    starts it again until it is activated. Without, it comes back as a new node, which the
+    server maps to ct1 at the start of a round. Either way it takes part in later rounds,
+    and every fit it makes starts from exactly the LOCAL state and loader RNG it saved last
+    (its journal chains), the first one after the restart from what was on its disk at the
+    kill."""
     from fedrecon.runners.flower import persisted_state
 
-    certs = _make_certificates()(tmp_path / "certs", nodes=["ct0", "ct1"])
-    fed = Federation(tmp_path, tls=TLSFiles.from_dir(tmp_path / "certs"), supernode_auth=True)
+    certs = _make_certificates()(tmp_path / "certs", nodes=["ct0", "ct1"]) if auth else {}
+    fed = Federation(tmp_path, tls=TLSFiles.from_dir(tmp_path / "certs") if auth else None,
+                     supernode_auth=auth)
     run_dir = tmp_path / "run"
     rounds = 5
     try:
         fed.start_superlink()
-        for k in (0, 1):
+        for k in (0, 1) if auth else ():
             res = fed.register(certs[f"nodes/ct{k}.pub"])
             assert res.returncode == 0, res.stdout + res.stderr
         tomls = {}
@@ -158,8 +163,8 @@ def test_a_restarted_site_continues_from_its_own_disk(tmp_path):
             cfg = write_ct_site(tmp_path, k)
             tomls[cfg.name] = tmp_path / f"ct{k}.toml"
             tomls[cfg.name].write_text(site_config_to_toml(cfg))
-            fed.start_site(cfg.name, tomls[cfg.name], auth_key=certs[f"nodes/ct{k}"],
-                           launcher=cfg.name == "ct1")
+            fed.start_site(cfg.name, tomls[cfg.name], auth_key=certs.get(f"nodes/ct{k}"),
+                           launcher=auth and cfg.name == "ct1")
         state1 = tmp_path / "ct1" / "state"
         config = {**RUN_CONFIG, "num-server-rounds": rounds, "eval-every": rounds,
                   "min-sites": 1, "expected-sites": 2, "round-timeout": 40.0,
@@ -177,7 +182,7 @@ def test_a_restarted_site_continues_from_its_own_disk(tmp_path):
         at_kill = persisted_state(state1, "ct1")
         before = _journal(state1)
         assert before and at_kill == before[-1]["saved"]  # nothing half-written
-        fed.start_site("ct1", tomls["ct1"], auth_key=certs["nodes/ct1"], launcher=True)
+        fed.start_site("ct1", tomls["ct1"], auth_key=certs.get("nodes/ct1"), launcher=auth)
         status = wait_for_status(run_dir, 400.0)
         assert status["state"] == "finished", (status, fed.log_tail())
 
@@ -192,7 +197,7 @@ def test_a_restarted_site_continues_from_its_own_disk(tmp_path):
         # ... and every fit from the state the previous one saved (rounds only grow)
         for prev, cur in itertools.pairwise(journal):
             assert cur["loaded"] == prev["saved"], (prev, cur)
-            assert cur["round"] > prev["round"], (prev, cur)
+            assert cur["round"] > prev["round"] and not cur["repeat"], (prev, cur)
         # the server got ct1's updates after the restart
         back = [r for r in range(rounds) if records[r, "ct1"]["participated"]
                 and r > before[-1]["round"]]
@@ -214,21 +219,41 @@ def test_a_restarted_site_continues_from_its_own_disk(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_the_federation_was_stopped(tmp_path):
-    """``resume = true``: 2 rounds, then SuperLink, ServerApp and SuperNodes all stopped;
-    a new federation (new SuperLink, new node ids) on the same folders continues the run
-    for rounds 2 and 3. The result is that of an uninterrupted 4-round run: the global prior
-    and the records equal the embedded runner's 4 rounds (which equals an uninterrupted
-    Flower run: tests/flower/test_flower.py), and each site's fits chain across the stop."""
+    """``resume = true`` after the server stopped in the middle of round 2: the run folder
+    holds the checkpoint of 2 rounds while the sites have already trained round 2 (made
+    exactly so: the run's files are copied when round 1 is committed, the run goes on
+    through round 2, then SuperLink, ServerApp and SuperNodes are all stopped and the copy is
+    put back). A new federation (new SuperLink, new node ids) on the same folders continues
+    with rounds 2 and 3; the sites repeat round 2 from the state they had before it. The
+    result is that of an uninterrupted 4-round run: the global prior and the records equal
+    the embedded runner's 4 rounds (which equals an uninterrupted Flower run:
+    tests/flower/test_flower.py)."""
+    import shutil
+
     from fedrecon.runners import SimulationRunner
     from fedrecon.runners.flower import FlowerRunConfig
     from fedrecon.runners.site_config import build_site, with_runtime
 
     run_dir = tmp_path / "run"
-    first = {**RUN_CONFIG, "num-server-rounds": 2, "eval-every": 2}
+    saved = tmp_path / "run_after_2"
+    first = {**RUN_CONFIG, "num-server-rounds": 3, "eval-every": 2}
     with federation(tmp_path) as (fed, sites):
-        status = fed.run(run_dir, first, timeout=300.0)
+        started = time.time()
+        res = fed.flwr(run_command({**first, "run-dir": str(run_dir)}))
+        assert res.returncode == 0, res.stdout + res.stderr
+        deadline = time.monotonic() + 300.0
+        while True:  # copy the run's files while the checkpoint says 2 rounds
+            assert time.monotonic() < deadline, fed.log_tail()
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                if json.loads((run_dir / "status.json").read_text())["completed_rounds"] >= 2:
+                    shutil.copytree(run_dir, saved)
+                    break
+            time.sleep(0.1)
+        status = wait_for_status(run_dir, 300.0, since=started)
         assert status["state"] == "finished", (status, fed.log_tail())
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["completed_rounds"] == 2
+    assert torch.load(saved / "checkpoint.pt", weights_only=False)["completed_rounds"] == 2
+    shutil.rmtree(run_dir)
+    shutil.copytree(saved, run_dir)
     resumed = {**first, "num-server-rounds": 4, "resume": True}
     with federation(tmp_path) as (fed, _):
         status = fed.run(run_dir, resumed, timeout=300.0)
@@ -243,9 +268,13 @@ def test_resume_after_the_federation_was_stopped(tmp_path):
     assert all(r["participated"] for r in records)
     for cfg in sites:
         journal = _journal(Path(cfg.runtime.state_dir))
-        assert [j["round"] for j in journal] == [0, 1, 2, 3]
-        for prev, cur in itertools.pairwise(journal):
-            assert cur["loaded"] == prev["saved"]
+        assert [(j["round"], j["repeat"]) for j in journal] == [
+            (0, False), (1, False), (2, False), (2, True), (3, False)]
+        assert len({j["run_key"] for j in journal}) == 1
+        first_try, again = journal[2], journal[3]
+        assert again["loaded"] == first_try["loaded"] == journal[1]["saved"]
+        assert again["saved"] == first_try["saved"]  # the same training, bit for bit
+        assert journal[4]["loaded"] == again["saved"]
 
     cfg = FlowerRunConfig.from_run_config({**resumed, "run-dir": str(run_dir)})
     strategy = cfg.build_strategy()
