@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cone-det-cols", type=int, default=192)
     p.add_argument("--no-astra", action="store_true")
     p.add_argument("--no-cone", action="store_true")
+    p.add_argument("--no-2d", action="store_true")
     args = p.parse_args(argv)
     if not T.available():
         sys.exit("bench_gpu.py needs a CUDA device and Triton")
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"parallel B={args.batch} 512^2 720 views", ParallelBeam2D(512, n_angles=720).cuda()),
     ]
     rows: list = []
-    for name, op in cases:
+    for name, op in ([] if args.no_2d else cases):
         bench_2d(name, op, args.batch, l2, use_astra, rows)
     if not args.no_cone:
         bench_cone(args, l2, use_astra, rows)

@@ -47,6 +47,10 @@ if [ "${1:-}" = "--quick" ]; then
     $PY scripts/bench_gpu.py --cone-size 96 --cone-views 120 --cone-det-rows 96 --cone-det-cols 128 2>&1 | tee "$OUT/bench_gpu.md"
 else
     $PY scripts/bench_gpu.py 2>&1 | tee "$OUT/bench_gpu.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    echo "## cone beam at a size no sparse matrix fits"
+    $PY scripts/bench_gpu.py --no-2d --cone-size 256 --cone-views 360 --cone-det-rows 256 \
+        --cone-det-cols 384 2>&1 | tee "$OUT/bench_gpu_cone256.md"
 fi
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "## training step"
