@@ -8,6 +8,12 @@ fraction of the round time, with a breakdown, for small CT federations built lik
 runner tests (phantom volumes, parallel beam, sites with different view counts).
 
     python scripts/bench_runner_overhead.py [--rounds 4] [--setting tiny|demo]
+    python scripts/bench_runner_overhead.py --memory-sites 100   # peak RSS: 1 vs 100 sites
+
+Memory mode: one fresh process per federation size runs one FedAvg round of the tiny
+setting with every site taking part and reports its peak resident memory (``ru_maxrss``):
+the embedded runner keeps LOCAL states on disk and builds one site model at a time, so the
+peak should barely grow with the number of sites.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ SETTINGS = {
 }
 
 
-def build_sites(root: Path, setting: str):
+def build_sites(root: Path, setting: str, n_sites: int | None = None):
     from fedrecon.datasets import (
         CTAcquisition,
         CTSliceDataset,
@@ -43,7 +49,8 @@ def build_sites(root: Path, setting: str):
     from fedrecon.federated import Site
     from fedrecon.models import ModelConfig, build_model
 
-    size, model_kw, _, batch, n_sites = SETTINGS[setting]
+    size, model_kw, _, batch, default_sites = SETTINGS[setting]
+    n_sites = n_sites or default_sites
     files = write_phantom_volumes(root, n_volumes=2 * n_sites, n_slices=4, image_size=size,
                                   seed=0, overwrite=True)
     cfg = ModelConfig(**model_kw)
@@ -86,12 +93,66 @@ class Timers:
         return inner
 
 
+def memory_child(n_sites: int) -> None:
+    """One FedAvg round of the tiny setting with ``n_sites`` sites; prints peak RSS (MiB)."""
+    import json
+    import resource
+
+    from fedrecon.federated import FedAvg
+    from fedrecon.runners.simulation import SimulationRunner
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = build_sites(Path(tmp) / "data", "tiny", n_sites)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        runner = SimulationRunner(sites, FedAvg(local_steps=2, lr=3e-3), rounds=1,
+                                  run_dir=Path(tmp) / "run", seed=0, progress=False)
+        t0 = time.perf_counter()
+        runner.run()
+        wall = time.perf_counter() - t0
+        records = sum(1 for _ in (Path(tmp) / "run" / "metrics.jsonl").open())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"sites": n_sites, "peak_mib": peak, "before_run_mib": before,
+                      "round_s": wall, "records": records}))
+
+
+def bench_memory(n_sites: int) -> None:
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for n in (1, n_sites):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"# embedded runner memory, tiny setting (16 px CT, 1 round of FedAvg, every site "
+          f"taking part), one fresh process each, torch {torch.__version__}")
+    print()
+    print("| sites | peak RSS (MiB) | RSS before the round (MiB) | round (s) | metrics records |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['sites']} | {r['peak_mib']:.0f} | {r['before_run_mib']:.0f} | "
+              f"{r['round_s']:.1f} | {r['records']} |")
+    print(f"peak RSS ratio {n_sites} sites / 1 site: {rows[1]['peak_mib'] / rows[0]['peak_mib']:.2f}x "
+          f"(goal < 2x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="tiny")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-sites", type=int, default=None,
+                        help="measure peak RSS of 1 vs this many sites instead")
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    if args.memory_sites:
+        bench_memory(args.memory_sites)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
