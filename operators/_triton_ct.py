@@ -27,6 +27,7 @@ This module imports triton lazily; ``available()`` says whether the kernels can 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,17 @@ class RayTable:
     axis: Tensor     # (n_rays,) int32: major axis (2D: 0 = rows i, 1 = columns j)
 
 
-_TABLES: dict[tuple, RayTable] = {}
+_TABLES: OrderedDict[tuple, RayTable] = OrderedDict()
+_TABLES_MAX = 8  # ray tables kept per process (LRU); 16-24 bytes per ray each
+
+
+def _remember(key: tuple, table: RayTable) -> RayTable:
+    with _LOCK:
+        _TABLES[key] = table
+        _TABLES.move_to_end(key)
+        while len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    return table
 _LOCK = threading.Lock()
 
 
@@ -102,6 +113,7 @@ def ray_table_2d(geom, device: torch.device) -> RayTable:
     key = ("2d", geom, str(device))
     with _LOCK:
         if key in _TABLES:
+            _TABLES.move_to_end(key)
             return _TABLES[key]
     h, w = geom.image_size
     ps = geom.pixel_spacing
@@ -112,9 +124,7 @@ def ray_table_2d(geom, device: torch.device) -> RayTable:
     axis, a, b, step = _line_params(q0, e)
     table = RayTable(a.to(device, torch.float32).contiguous(), b.to(device, torch.float32).contiguous(),
                      step.to(device, torch.float32).contiguous(), axis.to(device, torch.int32).contiguous())
-    with _LOCK:
-        _TABLES[key] = table
-    return table
+    return _remember(key, table)
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,6 +346,7 @@ def ray_table_3d(geom, device: torch.device, dtype: torch.dtype = torch.float32)
     key = ("3d", geom, str(device), dtype)
     with _LOCK:
         if key in _TABLES:
+            _TABLES.move_to_end(key)
             return _TABLES[key]
     d, h, w = geom.volume_size
     vs = geom.voxel_spacing
@@ -346,9 +357,7 @@ def ray_table_3d(geom, device: torch.device, dtype: torch.dtype = torch.float32)
     axis, a, b, step = _line_params(q0, e)
     table = RayTable(a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous(),
                      step.to(device, dtype).contiguous(), axis.to(device, torch.int32).contiguous())
-    with _LOCK:
-        _TABLES[key] = table
-    return table
+    return _remember(key, table)
 
 
 if triton is not None:
