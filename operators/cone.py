@@ -20,8 +20,7 @@ atomic-scatter adjoint); elsewhere a chunked torch implementation of the same ar
 (``index_add_`` adjoint), slower but exact, which is also the kernels' reference. Both read a
 per-ray table (24 bytes per ray, built once per geometry and device, the last 8 kept): 256^3
 voxels with 360 views of 256 x 384 bins is 35 M rays, 0.8 GB, against up to 3.6e10 entries
-(~290 GB) for the
-sparse matrix.
+(~290 GB) for the sparse matrix.
 """
 
 from __future__ import annotations
