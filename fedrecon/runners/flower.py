@@ -118,7 +118,7 @@ class _NodeStore(DiskStore):
     Every write also carries the training loader's RNG state (``loader_rng``) and the run's
     key (``run_key``), so the LOCAL tensors and the RNG that draws the next batches are one
     atomically written file: a SuperNode killed at any moment restarts from a consistent
-    pair. ``<site>.before.pt`` keeps the state the last fit started from: a fit that repeats
+    pair. ``before/<site>.pt`` keeps the state the last fit started from: a fit that repeats
     the round of the last one in the same run (a run resumed from the checkpoint of the
     round before, after the site had already trained in the unfinished round) starts from
     it, as it did the first time, instead of training that round twice.
@@ -129,8 +129,8 @@ class _NodeStore(DiskStore):
         self.train_loader: Any = None
         self.fit_key: tuple[str, int] | None = None  # (run key, round) of the fit under way
 
-    def _before(self, site_id: str) -> Path:
-        return self._path(site_id).with_name(f"{site_id}.before.pt")
+    def _before(self, site_id: str) -> Path:  # a subfolder: not one of site_ids()
+        return self.root / "before" / self._path(site_id).name
 
     def repeats(self, current: Mapping[str, Any] | None) -> bool:
         """Whether the fit under way repeats the one that wrote ``current``."""
@@ -155,6 +155,7 @@ class _NodeStore(DiskStore):
         if current is None:
             self._before(site_id).unlink(missing_ok=True)
         elif not self.repeats(current):
+            self._before(site_id).parent.mkdir(exist_ok=True)
             atomic_torch_save(current, self._before(site_id))
         super().put(site_id, state)
 
@@ -197,11 +198,13 @@ class _NodeSite:
         store.fit_key = (run_key, int(instructions.round)) if run_key else None
         repeat = store.repeats(DiskStore.get(store, sid))
         loaded = state_summary(store.get(sid))
-        self.restore_loader_rng()
-        t0 = time.perf_counter()
-        update = self.site.fit(instructions)
-        update.metrics["fit_seconds"] = time.perf_counter() - t0
-        store.fit_key = None
+        try:
+            self.restore_loader_rng()
+            t0 = time.perf_counter()
+            update = self.site.fit(instructions)
+            update.metrics["fit_seconds"] = time.perf_counter() - t0
+        finally:
+            store.fit_key = None
         line = {"event": "fit", "round": int(instructions.round), "run_key": run_key,
                 "repeat": repeat, "pid": os.getpid(), "time": time.time(), "loaded": loaded,
                 "saved": persisted_state(self.state_dir, sid)}

@@ -26,6 +26,7 @@ CHECKPOINT_FORMAT = 1
 NODE_CONFIG_KEY = "site-config"  # --node-config 'site-config="/path/site.toml"'
 _POLL_S = 0.2                    # how often the server pulls replies
 _LIVENESS_S = 2.0                # how often it checks that waited-for nodes are online
+_TTL_SLACK_S = 5.0               # a train/evaluate message lives round-timeout + this
 
 
 # -- the run's configuration ([tool.flwr.app.config], overridable with flwr run -c) --------

@@ -32,6 +32,7 @@ from fedrecon.models import Scope
 from .flower_messages import (
     _LIVENESS_S,
     _POLL_S,
+    _TTL_SLACK_S,
     CHECKPOINT_FORMAT,
     FlowerRunConfig,
     _plan_to_config,
@@ -364,7 +365,10 @@ class FlowerServer:
 
     # -- messaging --------------------------------------------------------------------------
     def _message(self, content: RecordDict, site_id: str, kind: str, r: int) -> Message:
-        ttl = self.config.round_timeout + 60.0
+        # the round waits round-timeout s for replies; a message must not outlive that by
+        # much: a SuperNode restarted after the round gave up on it would still pull it and
+        # train on a stale instruction (its LOCAL state moving on for a reply nobody reads)
+        ttl = self.config.round_timeout + _TTL_SLACK_S
         return Message(content, dst_node_id=self.sites[site_id].node_id, message_type=kind,
                        group_id=str(r), ttl=ttl)
 

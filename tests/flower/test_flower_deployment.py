@@ -152,7 +152,7 @@ def test_a_restarted_site_continues_from_its_own_disk(tmp_path, auth):
     fed = Federation(tmp_path, tls=TLSFiles.from_dir(tmp_path / "certs") if auth else None,
                      supernode_auth=auth)
     run_dir = tmp_path / "run"
-    rounds = 5
+    rounds = 7  # ct1 is back at most ~70 s after the kill (60 s heartbeat window + restart)
     try:
         fed.start_superlink()
         for k in (0, 1) if auth else ():
