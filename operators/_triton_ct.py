@@ -133,11 +133,21 @@ def ray_table_2d(geom, device: torch.device) -> RayTable:
 if triton is not None:
 
     @triton.jit
+    def _t_range(a, b, n, t_lo, t_hi):
+        """Narrow [t_lo, t_hi] to the steps where -1 < a + b t < n (widened by one step)."""
+        inv = tl.where(b != 0, 1.0 / tl.where(b != 0, b, 1.0), 0.0)
+        t1 = (-1.0 - a) * inv
+        t2 = (n.to(tl.float32) - a) * inv
+        t_lo = tl.where(b > 0, tl.maximum(t_lo, t1 - 1.0), tl.where(b < 0, tl.maximum(t_lo, t2 - 1.0), t_lo))
+        t_hi = tl.where(b > 0, tl.minimum(t_hi, t2 + 1.0), tl.where(b < 0, tl.minimum(t_hi, t1 + 1.0), t_hi))
+        return t_lo, t_hi
+
+    @triton.jit
     def _fp2d_kernel(img_ptr, out_ptr, a_ptr, b_ptr, w_ptr, ax_ptr,
                      n_rays, H, W, B, n_steps,
                      BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
-        # img_ptr: (2, H*W, B) float: [0] row-major (i, j) for column-stepping rays' ... see
-        # layout notes in joseph2d_forward. out_ptr: (B, n_rays).
+        # img_ptr: (2, H*W, B), batch innermost: [0] the image row-major (for row-stepping
+        # rays), [1] transposed (for column-stepping rays); out_ptr: (B, n_rays)
         pid_r = tl.program_id(0)
         pid_b = tl.program_id(1)
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -156,13 +166,7 @@ if triton is not None:
         # steps where the ray is inside the image: -1 < a + b t < n_minor
         t_lo = tl.zeros([BLOCK_R], dtype=tl.float32)
         t_hi = (n_major - 1).to(tl.float32)
-        bpos = b > 0
-        bneg = b < 0
-        inv = tl.where(b != 0, 1.0 / tl.where(b != 0, b, 1.0), 0.0)
-        t1 = (-1.0 - a) * inv
-        t2 = (n_minor.to(tl.float32) - a) * inv
-        t_lo = tl.where(bpos, tl.maximum(t_lo, t1 - 1.0), tl.where(bneg, tl.maximum(t_lo, t2 - 1.0), t_lo))
-        t_hi = tl.where(bpos, tl.minimum(t_hi, t2 + 1.0), tl.where(bneg, tl.minimum(t_hi, t1 + 1.0), t_hi))
+        t_lo, t_hi = _t_range(a, b, n_minor, t_lo, t_hi)
         t_lo = tl.where(rm, tl.minimum(t_lo, n_steps * 1.0), n_steps * 1.0)
         t_hi = tl.where(rm, tl.maximum(t_hi, -1.0), -1.0)
         start = tl.maximum(tl.min(tl.floor(t_lo), axis=0).to(tl.int32), 0)
@@ -374,16 +378,6 @@ if triton is not None:
         s1 = tl.where(ax == 0, W, H * W)
         base = tl.where(ax == 2, D * H * W, 0)
         return n_major, n1, n2, s_major, s1, base
-
-    @triton.jit
-    def _t_range(a, b, n, t_lo, t_hi):
-        """Narrow [t_lo, t_hi] to the steps where -1 < a + b t < n (widened by one step)."""
-        inv = tl.where(b != 0, 1.0 / tl.where(b != 0, b, 1.0), 0.0)
-        t1 = (-1.0 - a) * inv
-        t2 = (n.to(tl.float32) - a) * inv
-        t_lo = tl.where(b > 0, tl.maximum(t_lo, t1 - 1.0), tl.where(b < 0, tl.maximum(t_lo, t2 - 1.0), t_lo))
-        t_hi = tl.where(b > 0, tl.minimum(t_hi, t2 + 1.0), tl.where(b < 0, tl.minimum(t_hi, t1 + 1.0), t_hi))
-        return t_lo, t_hi
 
     @triton.jit
     def _cone_walk(vol_ptr, out_ptr, a_ptr, b_ptr, w_ptr, ax_ptr, n_rays, D, H, W, B, n_steps,
