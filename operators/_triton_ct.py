@@ -220,7 +220,7 @@ if triton is not None:
         fi = i.to(tl.float32)
         fj = j.to(tl.float32)
         acc = tl.zeros([BLOCK_P, BLOCK_B], dtype=tl.float32)
-        for ang in range(0, n_angles):
+        for ang in range(n_angles):
             cs = tl.load(cos_ptr + ang)
             sn = tl.load(sin_ptr + ang)
             for major in tl.static_range(2):
@@ -245,7 +245,7 @@ if triton is not None:
                     k1 = tl.minimum(tl.floor(hi_k).to(tl.int32), det_count - 1)
                     n_c = tl.where(pm, k1 - k0 + 1, 0)
                     c_max = tl.max(n_c, axis=0)
-                    for c in range(0, c_max):
+                    for c in range(c_max):
                         k = k0 + c
                         ok = pm & (k <= k1)
                         ray = ang * det_count + k
