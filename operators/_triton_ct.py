@@ -62,14 +62,36 @@ def available(device: torch.device | None = None) -> bool:
     return torch.cuda.is_available()
 
 
+def use_kernels(backend: str, t: Tensor, owner: str) -> bool:
+    """Whether an operator with ``backend`` ("auto", "triton" or its own non-Triton one) runs
+    ``t`` on these kernels: "auto" picks them for CUDA float32/16/bf16 tensors when Triton is
+    installed; "triton" insists (``RuntimeError`` naming ``owner`` otherwise)."""
+    if backend not in ("auto", "triton"):
+        return False
+    ok = available(t.device) and t.dtype != torch.float64
+    if backend == "auto":
+        return ok and t.is_cuda
+    if not ok:
+        raise RuntimeError(f"{owner}(backend='triton') needs Triton, a CUDA tensor and "
+                           f"float32/float16/bfloat16 data; got {t.device} {t.dtype}")
+    return True
+
+
 @dataclass(frozen=True)
 class RayTable:
     """Per-ray line parameters in index space (see the module docstring), on one device."""
 
-    a: Tensor        # (n_rays, n_minor_axes) float32: minor fractional index at step 0
-    b: Tensor        # (n_rays, n_minor_axes) float32: its increment per step
+    a: Tensor        # (n_rays,) 2D or (n_rays, 2) 3D, float32: minor fractional index at step 0
+    b: Tensor        # same shape: its increment per step
     w: Tensor        # (n_rays,) float32: physical length of one step
     axis: Tensor     # (n_rays,) int32: major axis (2D: 0 = rows i, 1 = columns j)
+    # 2D adjoint only: step lengths split by major axis, (2, n_rays), 0 for rays of the other
+    # axis; (n_angles, 2) int32 flags, does the angle have rays of each major axis; the
+    # angles' cosines and sines (float32)
+    w_major: Tensor | None = None
+    has_major: Tensor | None = None
+    cos: Tensor | None = None
+    sin: Tensor | None = None
 
 
 _TABLES: OrderedDict[tuple, RayTable] = OrderedDict()
@@ -122,8 +144,16 @@ def ray_table_2d(geom, device: torch.device) -> RayTable:
     q0 = torch.stack([(h - 1) / 2 - origins[:, 1] / ps, origins[:, 0] / ps + (w - 1) / 2], 1)
     e = torch.stack([-directions[:, 1] / ps, directions[:, 0] / ps], 1)
     axis, a, b, step = _line_params(q0, e)
-    table = RayTable(a.to(device, torch.float32).contiguous(), b.to(device, torch.float32).contiguous(),
-                     step.to(device, torch.float32).contiguous(), axis.to(device, torch.int32).contiguous())
+    w_major = torch.stack([torch.where(axis == m, step, torch.zeros_like(step)) for m in (0, 1)])
+    per_angle = axis.view(geom.n_angles, geom.det_count)
+    has_major = torch.stack([(per_angle == m).any(1) for m in (0, 1)], 1)
+    th = torch.tensor(geom.angles, dtype=torch.float64)
+
+    def dev(t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        return t.to(device, dtype).contiguous()
+
+    table = RayTable(dev(a[:, 0]), dev(b[:, 0]), dev(step), dev(axis, torch.int32),
+                     dev(w_major), dev(has_major, torch.int32), dev(th.cos()), dev(th.sin()))
     return _remember(key, table)
 
 
@@ -286,37 +316,10 @@ def joseph2d_forward(geom, x: Tensor, out_dtype: torch.dtype | None = None) -> T
     out = torch.empty(batch, n_rays, device=x.device, dtype=out_dtype or x.dtype)
     block_b = _block_b(batch)
     grid = (triton.cdiv(n_rays, 128), triton.cdiv(batch, block_b))
-    _fp2d_kernel[grid](img, out, table.a[:, 0].contiguous(), table.b[:, 0].contiguous(), table.w,
+    _fp2d_kernel[grid](img, out, table.a, table.b, table.w,
                        table.axis, n_rays, h, w, batch, max(h, w),
                        BLOCK_R=128, BLOCK_B=block_b, num_warps=4)
     return out.view(batch, geom.n_angles, geom.det_count)
-
-
-_TRIG: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
-def _trig(geom, device: torch.device) -> tuple[Tensor, Tensor]:
-    key = (geom.angles, str(device))
-    if key not in _TRIG:
-        th = torch.tensor(geom.angles, dtype=torch.float64)
-        _TRIG[key] = (th.cos().to(device, torch.float32), th.sin().to(device, torch.float32))
-    return _TRIG[key]
-
-
-_MAJOR: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
-def _major_tables(geom, table: RayTable) -> tuple[Tensor, Tensor]:
-    """``(2, n_rays)`` step lengths split by major axis (0 for rays of the other axis) and
-    ``(n_angles, 2)`` int32 flags: does the angle have rays of each major axis."""
-    key = (geom, str(table.w.device))
-    if key not in _MAJOR:
-        ax = table.axis.long()
-        wm = torch.stack([torch.where(ax == m, table.w, torch.zeros_like(table.w)) for m in (0, 1)])
-        per_angle = ax.view(geom.n_angles, geom.det_count)
-        has = torch.stack([(per_angle == m).any(1) for m in (0, 1)], 1).to(torch.int32)
-        _MAJOR[key] = (wm.contiguous(), has.contiguous())
-    return _MAJOR[key]
 
 
 def joseph2d_adjoint(geom, y: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
@@ -326,14 +329,12 @@ def joseph2d_adjoint(geom, y: Tensor, out_dtype: torch.dtype | None = None) -> T
     batch = y.shape[0]
     n_rays = geom.n_angles * geom.det_count
     sino = y.reshape(batch, n_rays).T.contiguous()  # (n_rays, B)
-    cos, sin = _trig(geom, y.device)
-    wm, has = _major_tables(geom, table)
     out = torch.empty(batch, h * w, device=y.device, dtype=out_dtype or y.dtype)
     fan = geom.kind == "fan"
     block_b = _block_b(batch)
     grid = (triton.cdiv(h * w, 128), triton.cdiv(batch, block_b))
-    _bp2d_kernel[grid](sino, out, table.a[:, 0].contiguous(), table.b[:, 0].contiguous(), wm,
-                       has, cos, sin, geom.n_angles, geom.det_count, h, w, batch,
+    _bp2d_kernel[grid](sino, out, table.a, table.b, table.w_major,
+                       table.has_major, table.cos, table.sin, geom.n_angles, geom.det_count, h, w, batch,
                        float(geom.pixel_spacing), float(geom.det_spacing), float(geom.det_offset),
                        float(geom.source_distance) if fan else 0.0,
                        float(geom.source_detector_distance) if fan else 0.0,

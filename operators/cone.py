@@ -244,15 +244,7 @@ class ConeBeam3D(LinearOperator):
         self.range_shape = (self.geometry.n_angles, rows, cols)
 
     def _use_triton(self, t: Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        ok = _triton_ct.available(t.device) and t.dtype != torch.float64
-        if self.backend == "auto":
-            return ok and t.is_cuda
-        if not ok:
-            raise RuntimeError("ConeBeam3D(backend='triton') needs Triton, a CUDA tensor and "
-                               f"float32/float16/bfloat16 data; got {t.device} {t.dtype}")
-        return ok
+        return _triton_ct.use_kernels(self.backend, t, type(self).__name__)
 
     def _run(self, t: Tensor, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
              adjoint: bool) -> Tensor:

@@ -329,15 +329,7 @@ class _Projector2D(LinearOperator):
         return out.T.reshape(*batch, *out_shape)
 
     def _use_triton(self, t: Tensor) -> bool:
-        if self.backend == "sparse":
-            return False
-        ok = _triton_ct.available(t.device) and t.dtype != torch.float64
-        if self.backend == "auto":
-            return ok and t.is_cuda
-        if not ok:
-            raise RuntimeError(f"{type(self).__name__}(backend='triton') needs Triton, a CUDA tensor "
-                               f"and float32/float16/bfloat16 data; got {t.device} {t.dtype}")
-        return ok
+        return _triton_ct.use_kernels(self.backend, t, type(self).__name__)
 
     def A(self, x: Tensor) -> Tensor:
         """Forward projection ``(..., H, W) -> (..., n_angles, det_count)``."""

@@ -88,7 +88,7 @@ def gather_bytes_2d(op, batch: int, elem: int) -> tuple[float, float]:
     ax = table.axis.long()
     n_major = torch.where(ax == 0, h, w).double()
     n_minor = torch.where(ax == 0, w, h).double()
-    a, b = table.a[:, 0].double(), table.b[:, 0].double()
+    a, b = table.a.double(), table.b.double()
     t = torch.arange(max(h, w), dtype=torch.float64)
     f = a[:, None] + b[:, None] * t
     inside = (f > -1) & (f < n_minor[:, None]) & (t < n_major[:, None])
