@@ -32,6 +32,7 @@ STRATEGIES: dict[str, dict] = {
     "partial": {"name": "partial"},
     "fedbn": {"name": "fedbn"},
     "ditto": {"name": "ditto", "personal_lambda": 0.001},
+    "mixture": {"name": "mixture", "personal_lambda": 0.001},
     "fedrep": {"name": "fedrep"},
     "hypernetwork": {"name": "hypernetwork"},
     "similarity": {"name": "similarity"},
@@ -42,13 +43,18 @@ STRATEGIES: dict[str, dict] = {
 # ~1.35M parameters of the CT network is ~100 after 15 Adam steps at lr 2e-3. Ditto's
 # lambda = 0.1 (paper value) then adds ~5 to a loss of 0.02 and FedProx's mu = 0.01 adds
 # ~0.5: both pin the model to the received one (measured, docs/benchmarks.md).
-DEFAULT = ("local", "fedavg", "fedprox", "partial", "ditto", "hypernetwork", "centralized")
-PERSONALIZED = ("partial", "ditto", "hypernetwork", "fedrep", "fedbn", "similarity")
+DEFAULT = ("local", "fedavg", "fedprox", "partial", "ditto", "mixture", "hypernetwork",
+           "centralized")
+PERSONALIZED = ("partial", "ditto", "mixture", "hypernetwork", "fedrep", "fedbn", "similarity")
 
 
-def run_one(base, name: str, seed: int, out: Path, quiet: bool) -> dict[str, dict[str, float]]:
+def run_one(base, name: str, seed: int, out: Path,
+            quiet: bool) -> dict[str, dict[str, dict[str, float]]]:
+    """``method -> site -> test metrics`` of one strategy's run (a mixture run also reports
+    its personal experts alone, which are Ditto's models)."""
     from fedrecon.evaluation import evaluate_volumes, model_method, summarize
     from fedrecon.experiment import build_experiment, site_models
+    from fedrecon.federated import MixtureOfExperts
 
     cfg = dataclasses.replace(base, strategy=dict(STRATEGIES[name]), seed=seed)
     exp = build_experiment(cfg)
@@ -57,9 +63,19 @@ def run_one(base, name: str, seed: int, out: Path, quiet: bool) -> dict[str, dic
     runner.run()
     models = site_models(exp, runner)
     ct = cfg.modality == "ct"
-    return {s.site_id: summarize(evaluate_volumes(model_method(models[s.site_id]), s.test_loader,
-                                                  device=s.device, ct=ct))
-            for s in exp.all_sites}
+    out = {name: {s.site_id: summarize(evaluate_volumes(model_method(models[s.site_id]),
+                                                      s.test_loader, device=s.device, ct=ct))
+                  for s in exp.all_sites}}
+    gates = {sid: m.alpha for sid, m in models.items() if isinstance(m, MixtureOfExperts)}
+    if gates:
+        print(f"seed {seed} {name}: gates (1 = personal expert only) "
+              + ", ".join(f"{sid} {a:.2f}" for sid, a in gates.items()), flush=True)
+        # the mixture trains exactly as Ditto does: its personal experts are Ditto's models
+        out["ditto (mixture's experts)"] = {
+            s.site_id: summarize(evaluate_volumes(model_method(models[s.site_id].personal),
+                                                  s.test_loader, device=s.device, ct=ct))
+            for s in exp.all_sites if s.site_id in gates}
+    return out
 
 
 def run_baselines(base, seed: int) -> dict[str, dict[str, dict[str, float]]]:
@@ -95,6 +111,7 @@ def main() -> None:
     from fedrecon.experiment import load_config, materialize_synthetic
 
     STRATEGIES["ditto"]["personal_lambda"] = args.ditto_lambda
+    STRATEGIES["mixture"]["personal_lambda"] = args.ditto_lambda
     STRATEGIES["fedprox"]["mu"] = args.fedprox_mu
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -113,12 +130,12 @@ def main() -> None:
                     results.setdefault((b, site), []).append(m)
         for name in args.strategies:
             t1 = time.perf_counter()
-            final = run_one(cfg, name, seed, args.out, args.quiet)
-            for site, m in final.items():
-                results.setdefault((name, site), []).append(m)
-            print(f"seed {seed} {name:<13} mean PSNR "
-                  f"{statistics.mean(m['psnr'] for m in final.values()):6.2f} dB "
-                  f"({time.perf_counter() - t1:.0f} s)", flush=True)
+            for method, final in run_one(cfg, name, seed, args.out, args.quiet).items():
+                for site, m in final.items():
+                    results.setdefault((method, site), []).append(m)
+                print(f"seed {seed} {method:<13} mean PSNR "
+                      f"{statistics.mean(m['psnr'] for m in final.values()):6.2f} dB "
+                      f"({time.perf_counter() - t1:.0f} s)", flush=True)
     methods = list(dict.fromkeys(k[0] for k in results))
     sites = list(dict.fromkeys(k[1] for k in results))
     header = ("| method | " + " | ".join(f"{s} PSNR / SSIM" for s in sites)
@@ -146,7 +163,7 @@ def main() -> None:
         def site_psnr(m: str, s: str) -> float:
             return statistics.mean(v["psnr"] for v in results[(m, s)])
 
-        for m in (x for x in methods if x in PERSONALIZED):
+        for m in (x for x in methods if x.split()[0] in PERSONALIZED):
             beats_local = [s for s in sites if site_psnr(m, s) > site_psnr("local", s)]
             verdicts.append(
                 f"- {m}: beats local-only at {len(beats_local)}/{len(sites)} sites; mean "

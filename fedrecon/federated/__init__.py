@@ -13,6 +13,7 @@ from .messages import (
     state_nbytes,
     weighted_average,
 )
+from .mixture import MixtureOfExperts, fit_mixture_weight
 from .site import Site, site_seed
 from .store import DiskStore, LocalStore, MemoryStore, atomic_torch_save
 from .strategy import FedAvg, ServerState, Strategy, apply_updates, example_weights
@@ -24,6 +25,7 @@ from .strategies import (
     FedBN,
     FedProx,
     FedRep,
+    Mixture,
     PartialSharing,
     make_strategy,
     strategy_kwargs,

@@ -40,6 +40,9 @@ class TrainingPlan:
     personal_lambda
         Ditto: also train a personal model (kept LOCAL) with ``lambda/2 ||v - w||^2`` to the
         new global model; the site evaluates with its personal model. ``None``: no personal model.
+    mixture
+        Evaluate with a mixture of experts, ``alpha * personal(y) + (1 - alpha) * global(y)``,
+        ``alpha`` fitted per site on its validation split (needs ``personal_lambda``).
     local_first_steps
         FedRep: steps on the LOCAL parameters only (GLOBAL frozen) before ``local_steps``.
     train_global
@@ -55,6 +58,7 @@ class TrainingPlan:
     lr: float = 1e-3
     prox_mu: float = 0.0
     personal_lambda: float | None = None
+    mixture: bool = False
     local_first_steps: int = 0
     train_global: bool = True
     train_local: bool = True
@@ -69,6 +73,8 @@ class TrainingPlan:
             raise ValueError(f"TrainingPlan: 'send' must be 'weights' or 'delta'; got {self.send!r}")
         if self.prox_mu < 0 or (self.personal_lambda is not None and self.personal_lambda < 0):
             raise ValueError("TrainingPlan: 'prox_mu' and 'personal_lambda' must be >= 0")
+        if self.mixture and self.personal_lambda is None:
+            raise ValueError("TrainingPlan: 'mixture' needs a personal model ('personal_lambda')")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from fedrecon.train import evaluate_model, seed_everything, train_local
 from fedrecon.train.batching import OpFactory
 
 from .messages import SiteInstructions, SiteUpdate, StateDict, make_update
+from .mixture import MixtureOfExperts, fit_mixture_weight
 from .store import LocalStore, MemoryStore
 
 __all__ = ["Site", "site_seed"]
@@ -200,6 +201,8 @@ class Site:
             res = run(max(plan.local_steps, 1), lambda n: True, reg, net=personal)
             metrics["personal_loss"] = res.mean_loss
             private["personal"] = {k: v.detach().cpu() for k, v in personal.state_dict().items()}
+        if plan.mixture:
+            private["mixture"] = True
         private["local"] = {k: v.cpu() for k, v in self.partition.local_state(model).items()}
         private["round"] = instructions.round
         self.store.put(self.site_id, private)
@@ -225,6 +228,27 @@ class Site:
         private = self._private()
         has_personal = "personal" in private
         use_personal = has_personal if personal is None else (personal and has_personal)
+        if use_personal and personal is None and private.get("mixture"):
+            return self.mixture_model(global_state, private=private)
         model = self.build_model(None if use_personal else global_state, personal=use_personal,
                                  private=private)
         return model.eval()
+
+    def mixture_model(self, global_state: Mapping[str, Tensor] | None = None, *,
+                      private: Mapping[str, Any] | None = None) -> MixtureOfExperts:
+        """The personal expert and the shared expert (this site's LOCAL state with
+        ``global_state``) mixed by one gate fitted on this site's validation split (its
+        training split when it has none); the gate is ``.alpha``, the validation PSNR of
+        every gate tried ``.scores``."""
+        private = self._private() if private is None else private
+        if "personal" not in private:
+            raise ValueError(f"site '{self.site_id}' has no personal model to mix (train it "
+                             "with a personal_lambda first)")
+        personal = self.build_model(personal=True, private=private).eval()
+        shared = self.build_model(global_state, private=private).eval()
+        loader = self.val_loader if self.val_loader is not None else self.train_loader
+        alpha, scores = fit_mixture_weight(personal, shared, loader, op_factory=self.op_factory,
+                                           device=self.device)
+        model = MixtureOfExperts(personal, shared, alpha).eval()
+        model.scores = scores
+        return model

@@ -32,6 +32,7 @@ __all__ = [
     "FedBN",
     "FedProx",
     "FedRep",
+    "Mixture",
     "PartialSharing",
     "make_strategy",
     "strategy_kwargs",
@@ -110,6 +111,28 @@ class Ditto(FedAvg):
                                    personal_lambda=self.personal_lambda)
 
 
+class Mixture(Ditto):
+    """Ditto's training (a FedAvg global model and a personal model per site, pulled to the
+    global one by ``personal_lambda``) with a mixture-of-experts reconstruction: each site
+    reconstructs with ``alpha * personal(y) + (1 - alpha) * global(y)``, one gate ``alpha``
+    per site fitted on the site's own validation split (:mod:`fedrecon.federated.mixture`).
+    A site the others cannot help keeps its personal expert (``alpha = 1``); a site the
+    consensus serves better leans on it.
+
+    Zec, Mogren, Ryan, Hebert, Mogren, "Federated learning using a mixture of experts",
+    arXiv:2010.02056 (2020); Peterson, Kanani, Marathe, "Private Federated Learning with
+    Domain Adaptation", NeurIPS 2019 FL workshop.
+    """
+
+    name = "mixture"
+
+    def __init__(self, *, personal_lambda: float = 1e-3, **base: Any) -> None:
+        super().__init__(personal_lambda=personal_lambda, **base)
+
+    def plan(self, round: int, site_id: str) -> TrainingPlan:
+        return dataclasses.replace(super().plan(round, site_id), mixture=True)
+
+
 class FedRep(FedAvg):
     """Each round a site first trains its LOCAL parts (the "head": DC layers, conditioning,
     and whatever else the partition keeps local) with the shared part frozen, for
@@ -135,7 +158,7 @@ class FedRep(FedAvg):
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FedAvg, PartialSharing, FedProx, FedBN, FedAdam, FedYogi, Ditto, FedRep,
+    for cls in (FedAvg, PartialSharing, FedProx, FedBN, FedAdam, FedYogi, Ditto, Mixture, FedRep,
                 Hypernetwork, SimilarityWeighted, LocalOnly,
                 CoordinateMedian, TrimmedMean, MultiKrum)  # robust: strategies_robust.py
 }
