@@ -165,10 +165,19 @@ def main() -> None:
 
         for m in (x for x in methods if x.split()[0] in PERSONALIZED):
             beats_local = [s for s in sites if site_psnr(m, s) > site_psnr("local", s)]
-            verdicts.append(
-                f"- {m}: beats local-only at {len(beats_local)}/{len(sites)} sites; mean "
-                f"{mean_psnr(m) - mean_psnr('fedavg'):+.2f} dB vs FedAvg, "
-                f"{mean_psnr(m) - mean_psnr('local'):+.2f} dB vs local-only")
+            line = (f"- {m}: beats local-only at {len(beats_local)}/{len(sites)} sites; mean "
+                    f"{mean_psnr(m) - mean_psnr('fedavg'):+.2f} dB vs FedAvg, "
+                    f"{mean_psnr(m) - mean_psnr('local'):+.2f} dB vs local-only")
+            if len(args.seeds) > 1:  # the same verdict seed by seed
+                per_seed = []
+                for i, seed in enumerate(args.seeds):
+                    def p(name: str, site: str) -> float:
+                        return results[(name, site)][i]["psnr"]
+                    wins = sum(p(m, s) > p("local", s) for s in sites)
+                    gap = statistics.mean(p(m, s) - p("fedavg", s) for s in sites)
+                    per_seed.append(f"seed {seed}: {wins}/{len(sites)}, {gap:+.2f} dB")
+                line += " (" + "; ".join(per_seed) + ")"
+            verdicts.append(line)
     table = "\n".join(lines)
     summary = (f"# {args.config.name}: {base.rounds} rounds x {base.local_steps} local steps, "
                f"seeds {args.seeds}, {time.perf_counter() - t0:.0f} s")
@@ -179,8 +188,11 @@ def main() -> None:
     tmp = args.out / ".results.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "site", "psnr", "ssim", "n_seeds"])
-        w.writerows(rows)
+        w.writerow(["method", "site", "seed", "psnr", "ssim"])
+        for (name, site), vals in results.items():
+            for seed, v in zip(args.seeds, vals):
+                w.writerow([name, site, seed, f"{v['psnr']:.3f}", f"{v['ssim']:.4f}"])
+        w.writerows((name, site, "mean", p, q) for name, site, p, q, _ in rows)
     tmp.replace(args.out / "results.csv")
     (args.out / "results.md").write_text(summary + "\n\n" + table + "\n\n" + "\n".join(verdicts)
                                          + "\n")
