@@ -32,7 +32,7 @@ STRATEGIES: dict[str, dict] = {
     "partial": {"name": "partial"},
     "fedbn": {"name": "fedbn"},
     "ditto": {"name": "ditto", "personal_lambda": 0.001},
-    "mixture": {"name": "mixture", "personal_lambda": 0.001},
+    "mixture": {"name": "mixture", "personal_lambda": 0.0},
     "fedrep": {"name": "fedrep"},
     "hypernetwork": {"name": "hypernetwork"},
     "similarity": {"name": "similarity"},
@@ -70,8 +70,8 @@ def run_one(base, name: str, seed: int, out: Path,
     if gates:
         print(f"seed {seed} {name}: gates (1 = personal expert only) "
               + ", ".join(f"{sid} {a:.2f}" for sid, a in gates.items()), flush=True)
-        # the mixture trains exactly as Ditto does: its personal experts are Ditto's models
-        out["ditto (mixture's experts)"] = {
+        # the mixture trains exactly as Ditto with its lambda: the personal experts alone
+        out["mixture's personal experts"] = {
             s.site_id: summarize(evaluate_volumes(model_method(models[s.site_id].personal),
                                                   s.test_loader, device=s.device, ct=ct))
             for s in exp.all_sites if s.site_id in gates}
@@ -102,6 +102,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ditto-lambda", type=float, default=STRATEGIES["ditto"]["personal_lambda"],
                         help="Ditto's personal_lambda (default %(default)s)")
+    parser.add_argument("--mixture-lambda", type=float,
+                        default=STRATEGIES["mixture"]["personal_lambda"],
+                        help="the mixture's personal_lambda (default %(default)s: the personal "
+                             "expert is the site's local-only model)")
     parser.add_argument("--fedprox-mu", type=float, default=STRATEGIES["fedprox"]["mu"],
                         help="FedProx's mu (default %(default)s)")
     parser.add_argument("--no-baselines", action="store_true")
@@ -111,7 +115,7 @@ def main() -> None:
     from fedrecon.experiment import load_config, materialize_synthetic
 
     STRATEGIES["ditto"]["personal_lambda"] = args.ditto_lambda
-    STRATEGIES["mixture"]["personal_lambda"] = args.ditto_lambda
+    STRATEGIES["mixture"]["personal_lambda"] = args.mixture_lambda
     STRATEGIES["fedprox"]["mu"] = args.fedprox_mu
 
     args.out.mkdir(parents=True, exist_ok=True)

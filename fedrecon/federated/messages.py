@@ -39,7 +39,8 @@ class TrainingPlan:
         FedProx: adds ``mu/2 ||w - w_round_start||^2`` over the GLOBAL parameters.
     personal_lambda
         Ditto: also train a personal model (kept LOCAL) with ``lambda/2 ||v - w||^2`` to the
-        new global model; the site evaluates with its personal model. ``None``: no personal model.
+        received global model, on the same seed and batches as the round's global steps; the
+        site evaluates with its personal model. ``None``: no personal model.
     mixture
         Evaluate with a mixture of experts, ``alpha * personal(y) + (1 - alpha) * global(y)``,
         ``alpha`` fitted per site on its validation split (needs ``personal_lambda``).

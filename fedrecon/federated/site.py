@@ -157,9 +157,15 @@ class Site:
         if instructions.site_id != self.site_id:
             raise ValueError(f"instructions for '{instructions.site_id}' sent to '{self.site_id}'")
         plan = instructions.plan
-        seed_everything(site_seed(self.seed, self.site_id, instructions.round))
+        seed = site_seed(self.seed, self.site_id, instructions.round)
+        seed_everything(seed)
+        wants_personal = plan.personal_lambda is not None
+        gen = getattr(self.train_loader, "generator", None) if wants_personal else None
+        gen_state = gen.get_state() if isinstance(gen, torch.Generator) else None
         private = self._private()
         model = self.build_model(instructions.global_state, private=private)
+        initial = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                   if wants_personal and "personal" not in private else None)
         start = {k: v.detach().clone() for k, v in instructions.global_state.items()}
         global_names = set(self.partition.names(model, Scope.GLOBAL))
         params = dict(model.named_parameters())
@@ -189,15 +195,18 @@ class Site:
                 return plan.train_global if n in global_names else plan.train_local
             res = run(plan.local_steps, trainable, reg)
             metrics.update(loss=res.mean_loss, last_loss=res.last_loss, train_seconds=res.seconds)
-        if plan.personal_lambda is not None:
+        if wants_personal:
             personal = self.model_factory().to(self.device)
-            if "personal" in private:
-                personal.load_state_dict(private["personal"])
-            else:  # start the personal model from the received state
-                personal.load_state_dict(model.state_dict())
-                self.partition.load_global(personal, start)
-            anchor = {k: v for k, v in start.items()}
-            reg = _proximal(personal, global_names, anchor, plan.personal_lambda)
+            # the first round starts from the received state, as the global model did
+            personal.load_state_dict(private["personal"] if initial is None else initial)
+            # the personal model sees what a local-only site sees this round: the same seed
+            # and the same batches as the global steps (with lambda = 0 it *is* local-only
+            # training, bit for bit)
+            seed_everything(seed)
+            if gen_state is not None:
+                gen.set_state(gen_state)
+            reg = (_proximal(personal, global_names, start, plan.personal_lambda)
+                   if plan.personal_lambda > 0 else None)
             res = run(max(plan.local_steps, 1), lambda n: True, reg, net=personal)
             metrics["personal_loss"] = res.mean_loss
             private["personal"] = {k: v.detach().cpu() for k, v in personal.state_dict().items()}

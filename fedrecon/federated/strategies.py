@@ -117,7 +117,9 @@ class Mixture(Ditto):
     reconstructs with ``alpha * personal(y) + (1 - alpha) * global(y)``, one gate ``alpha``
     per site fitted on the site's own validation split (:mod:`fedrecon.federated.mixture`).
     A site the others cannot help keeps its personal expert (``alpha = 1``); a site the
-    consensus serves better leans on it.
+    consensus serves better leans on it. With the default ``personal_lambda = 0`` the
+    personal expert is exactly the model the site would train alone (same seeds, same
+    batches), as in the papers' private experts.
 
     Zec, Mogren, Ryan, Hebert, Mogren, "Federated learning using a mixture of experts",
     arXiv:2010.02056 (2020); Peterson, Kanani, Marathe, "Private Federated Learning with
@@ -126,7 +128,7 @@ class Mixture(Ditto):
 
     name = "mixture"
 
-    def __init__(self, *, personal_lambda: float = 1e-3, **base: Any) -> None:
+    def __init__(self, *, personal_lambda: float = 0.0, **base: Any) -> None:
         super().__init__(personal_lambda=personal_lambda, **base)
 
     def plan(self, round: int, site_id: str) -> TrainingPlan:

@@ -111,3 +111,23 @@ def test_mixture_trains_as_ditto_and_is_never_worse_than_its_experts(tmp_path):
         assert model.scores[model.alpha] == pytest.approx(both, rel=1e-6)
     for k, v in mix.strategy.state.global_state.items():
         assert torch.equal(v, ditto.strategy.state.global_state[k])
+
+
+def test_personal_expert_without_pull_is_local_only_training(tmp_path):
+    """lambda = 0: the personal expert sees the same seeds and batches as a local-only site,
+    so it is the local-only model bit for bit, and the mixture (gate 1 allowed) can only
+    match or beat local-only on the split the gate is fitted on."""
+    from fedrecon.federated import LocalOnly
+
+    torch.set_num_threads(1)
+    mix = _run(Mixture(personal_lambda=0.0, local_steps=2, lr=3e-3), tmp_path, "mix0")
+    local = _run(LocalOnly(local_steps=2, lr=3e-3), tmp_path, "local")
+    for sid, site in mix.sites.items():
+        mine = mix.store.get(sid)["personal"]
+        theirs = local.sites[sid].build_model(local.strategy.state.for_site(sid)).state_dict()
+        assert mine.keys() == theirs.keys()
+        for k in mine:
+            assert torch.equal(mine[k], theirs[k]), k
+        state = mix.strategy.state.for_site(sid)
+        local_psnr = local.sites[sid].evaluate(local.strategy.state.for_site(sid))["psnr"]
+        assert site.evaluate(state)["psnr"] >= local_psnr - 1e-9
