@@ -119,7 +119,9 @@ class Mixture(Ditto):
     A site the others cannot help keeps its personal expert (``alpha = 1``); a site the
     consensus serves better leans on it. With the default ``personal_lambda = 0`` the
     personal expert is exactly the model the site would train alone (same seeds, same
-    batches), as in the papers' private experts.
+    batches), as in the papers' private experts. The gate is refitted whenever the site
+    builds its evaluation model, so a mixture's *validation* metrics (``metrics.jsonl``) are
+    in-sample for that one number; compare methods on the test split.
 
     Zec, Mogren, Ryan, Hebert, Mogren, "Federated learning using a mixture of experts",
     arXiv:2010.02056 (2020); Peterson, Kanani, Marathe, "Private Federated Learning with
