@@ -166,20 +166,20 @@ def _coil_combine(maps: Tensor, z: Tensor) -> Tensor:
 _SCRATCH = threading.local()
 
 
-def _scratch(like: Tensor) -> Tensor:
-    """A per-thread buffer of ``like``'s shape and dtype (CPU), reused from call to call.
+def _scratch(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """A per-thread CPU buffer of ``shape`` and ``dtype``, reused from call to call.
 
     Fresh coil-sized CPU allocations are page-faulted in on every call, which costs as much
     as the FFT itself; one buffer per shape is kept (its contents never escape a call).
     """
-    key = (tuple(like.shape), like.dtype)
+    key = (tuple(shape), dtype)
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = {}
     buf = pool.get(key)
     if buf is None:
         pool.clear()  # one shape at a time: bounded memory
-        buf = pool[key] = torch.empty(key[0], dtype=like.dtype)
+        buf = pool[key] = torch.empty(key[0], dtype=dtype)
     return buf
 
 
@@ -353,7 +353,7 @@ class MultiCoilMRI(_CartesianMRI):
             # fresh output), the mask multiplies it in place
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m.shape) == shape:
-                buf = _scratch(torch.empty(shape, dtype=x.dtype, device="meta"))
+                buf = _scratch(shape, x.dtype)
                 torch.mul(maps, x.unsqueeze(-3), out=buf)
                 return torch.fft.fft2(buf, dim=_DIMS, norm="ortho").mul_(m)
         k = self._fwd_fft(maps * x.unsqueeze(-3))
@@ -366,7 +366,7 @@ class MultiCoilMRI(_CartesianMRI):
         y = y.to(_compute_dtype(y))
         maps, m = self._maps(y.dtype, y.device), self._kmask(y.dtype, y.device)
         if self._fast and _no_graph(y, maps, m) and torch.broadcast_shapes(y.shape, m.shape) == y.shape:
-            buf = torch.mul(y, m, out=_scratch(y))  # no coil-sized allocation at all
+            buf = torch.mul(y, m, out=_scratch(y.shape, y.dtype))  # no coil-sized allocation at all
             z = _fft2_inplace(buf, inverse=True)
         else:
             z = self._adj_fft(y * m)
@@ -381,7 +381,7 @@ class MultiCoilMRI(_CartesianMRI):
         if self._fast and _no_graph(x, maps, m2):
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m2.shape) == shape:
-                buf = _scratch(torch.empty(shape, dtype=x.dtype, device="meta"))
+                buf = _scratch(shape, x.dtype)
                 torch.mul(maps, x.unsqueeze(-3), out=buf)
                 _fft2_inplace(buf).mul_(m2)
                 z = _fft2_inplace(buf, inverse=True)

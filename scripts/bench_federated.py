@@ -51,7 +51,8 @@ PERSONALIZED = ("partial", "ditto", "mixture", "hypernetwork", "fedrep", "fedbn"
 def run_one(base, name: str, seed: int, out: Path,
             quiet: bool) -> dict[str, dict[str, dict[str, float]]]:
     """``method -> site -> test metrics`` of one strategy's run (a mixture run also reports
-    its personal experts alone, which are Ditto's models)."""
+    its personal experts alone: Ditto's models with the mixture's lambda, the local-only
+    models at lambda 0)."""
     from fedrecon.evaluation import evaluate_volumes, model_method, summarize
     from fedrecon.experiment import build_experiment, site_models
     from fedrecon.federated import MixtureOfExperts
@@ -70,7 +71,6 @@ def run_one(base, name: str, seed: int, out: Path,
     if gates:
         print(f"seed {seed} {name}: gates (1 = personal expert only) "
               + ", ".join(f"{sid} {a:.2f}" for sid, a in gates.items()), flush=True)
-        # the mixture trains exactly as Ditto with its lambda: the personal experts alone
         out["mixture's personal experts"] = {
             s.site_id: summarize(evaluate_volumes(model_method(models[s.site_id].personal),
                                                   s.test_loader, device=s.device, ct=ct))
@@ -167,7 +167,7 @@ def main() -> None:
         def site_psnr(m: str, s: str) -> float:
             return statistics.mean(v["psnr"] for v in results[(m, s)])
 
-        for m in (x for x in methods if x.split()[0] in PERSONALIZED):
+        for m in (x for x in methods if x in PERSONALIZED):
             beats_local = [s for s in sites if site_psnr(m, s) > site_psnr("local", s)]
             line = (f"- {m}: beats local-only at {len(beats_local)}/{len(sites)} sites; mean "
                     f"{mean_psnr(m) - mean_psnr('fedavg'):+.2f} dB vs FedAvg, "
@@ -175,10 +175,10 @@ def main() -> None:
             if len(args.seeds) > 1:  # the same verdict seed by seed
                 per_seed = []
                 for i, seed in enumerate(args.seeds):
-                    def p(name: str, site: str) -> float:
-                        return results[(name, site)][i]["psnr"]
-                    wins = sum(p(m, s) > p("local", s) for s in sites)
-                    gap = statistics.mean(p(m, s) - p("fedavg", s) for s in sites)
+                    psnr = {(k, s): results[(k, s)][i]["psnr"]
+                            for k in (m, "local", "fedavg") for s in sites}
+                    wins = sum(psnr[m, s] > psnr["local", s] for s in sites)
+                    gap = statistics.mean(psnr[m, s] - psnr["fedavg", s] for s in sites)
                     per_seed.append(f"seed {seed}: {wins}/{len(sites)}, {gap:+.2f} dB")
                 line += " (" + "; ".join(per_seed) + ")"
             verdicts.append(line)
