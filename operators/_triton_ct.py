@@ -19,6 +19,15 @@ ray is fully described by a few numbers computed once per geometry on the host i
   forward operator up to float rounding (no atomics, bitwise reproducible).
 * Adjoint 3D: ray-driven scatter with atomic adds (the exact transpose; float sums in a
   run-dependent order).
+* Launches (2D): the batch is cut into blocks of up to 8 (zero padded) with a compile-time
+  stride, so a gather of one neighbour for the whole block is one vector load. On the first
+  call for a problem shape a small tuner times a few launch shapes (block size, warps, packed
+  or separate ray table) and keeps the fastest for the process. They agree to float rounding
+  (~1e-7), not bitwise (each shape compiles to different arithmetic code):
+  ``FEDRECON_TRITON_TUNE=0`` fixes the launch shape for bitwise run-to-run reproducibility.
+  When a launch has too few rays/pixels to fill the GPU, its loop (steps for A, angles for
+  A^T) is split into chunks whose partial sums are added in a fixed order; the number of
+  chunks depends on the problem and the card only, so results are reproducible.
 
 Everything accumulates in float32; images and sinograms may be stored as float16/bfloat16.
 This module imports triton lazily; ``available()`` says whether the kernels can run.
@@ -92,10 +101,12 @@ class RayTable:
     has_major: Tensor | None = None
     cos: Tensor | None = None
     sin: Tensor | None = None
+    # 2D adjoint: (n_rays, 4) float32 records (a, b, w_major[0], w_major[1]), one vector load
+    packed: Tensor | None = None
 
 
 _TABLES: OrderedDict[tuple, RayTable] = OrderedDict()
-_TABLES_MAX = 8  # ray tables kept per process (LRU); 16-24 bytes per ray each
+_TABLES_MAX = 8  # ray tables kept per process (LRU); 40 bytes per ray (2D), 24 (3D)
 
 
 def _remember(key: tuple, table: RayTable) -> RayTable:
@@ -108,17 +119,23 @@ def _remember(key: tuple, table: RayTable) -> RayTable:
 _LOCK = threading.Lock()
 
 
-def _line_params(q0: Tensor, e: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _major_axis(e: Tensor) -> Tensor:
+    """Index of the largest ``|e|`` per row, ties to the *last* axis (x-major when
+    ``|d_x| >= |d_y|``, as ``_joseph_rows``): flip, argmax (first max), flip back."""
+    return (e.shape[1] - 1) - torch.argmax(e.abs().flip(1), dim=1)
+
+
+def _line_params(q0: Tensor, e: Tensor,
+                 axis: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Index-space line ``q0 + lam * e`` (float64, ``(R, n)``) -> major axis, ``a``, ``b``, ``w``.
 
     ``w`` is the physical length per unit step of the major index, i.e. ``1 / |e_major|``
-    when ``e`` is the index-space velocity of a unit-speed physical ray. Ties go to the
-    last axis, matching ``_joseph_rows`` (x-major when ``|d_x| >= |d_y|``).
+    when ``e`` is the index-space velocity of a unit-speed physical ray. The major axis is
+    each ray's own (``_major_axis``) unless ``axis`` gives one per ray.
     """
     n = e.shape[1]
-    mag = e.abs()
-    # argmax with ties to the *last* axis: flip, argmax (first max), flip back
-    axis = (n - 1) - torch.argmax(mag.flip(1), dim=1)
+    if axis is None:
+        axis = _major_axis(e)
     e_m = e.gather(1, axis[:, None])
     q_m = q0.gather(1, axis[:, None])
     minor_cols = torch.stack([torch.tensor([c for c in range(n) if c != m], dtype=torch.int64)
@@ -152,8 +169,10 @@ def ray_table_2d(geom, device: torch.device) -> RayTable:
     def dev(t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         return t.to(device, dtype).contiguous()
 
+    packed = torch.stack([a[:, 0], b[:, 0], w_major[0], w_major[1]], 1)
     table = RayTable(dev(a[:, 0]), dev(b[:, 0]), dev(step), dev(axis, torch.int32),
-                     dev(w_major), dev(has_major, torch.int32), dev(th.cos()), dev(th.sin()))
+                     dev(w_major), dev(has_major, torch.int32), dev(th.cos()), dev(th.sin()),
+                     dev(packed))
     return _remember(key, table)
 
 
@@ -174,16 +193,21 @@ if triton is not None:
 
     @triton.jit
     def _fp2d_kernel(img_ptr, out_ptr, a_ptr, b_ptr, w_ptr, ax_ptr,
-                     n_rays, H, W, B, n_steps,
-                     BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
-        # img_ptr: (2, H*W, B), batch innermost: [0] the image row-major (for row-stepping
-        # rays), [1] transposed (for column-stepping rays); out_ptr: (B, n_rays)
+                     n_rays, H, W, B, n_steps, steps_per_split,
+                     BLOCK_R: tl.constexpr, BB: tl.constexpr):
+        # img_ptr: (n_bblocks, 2, H*W, BB): per block of BB batch elements (zero padded),
+        # the image row-major (for row-stepping rays) then transposed (column-stepping rays),
+        # batch innermost with a compile-time stride, so each gather is one vector load;
+        # out_ptr: (splits, B, n_rays), split s sums the steps of its chunk
         pid_r = tl.program_id(0)
         pid_b = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        img_ptr += pid_b.to(tl.int64) * (2 * H * W * BB)
+        out_ptr += pid_s.to(tl.int64) * B * n_rays
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = r < n_rays
-        bi = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        bm = bi < B
+        lane = tl.arange(0, BB)
+        bi = pid_b * BB + lane
         a = tl.load(a_ptr + r, mask=rm, other=0.0)
         b = tl.load(b_ptr + r, mask=rm, other=0.0)
         wt = tl.load(w_ptr + r, mask=rm, other=0.0)
@@ -199,9 +223,10 @@ if triton is not None:
         t_lo, t_hi = _t_range(a, b, n_minor, t_lo, t_hi)
         t_lo = tl.where(rm, tl.minimum(t_lo, n_steps * 1.0), n_steps * 1.0)
         t_hi = tl.where(rm, tl.maximum(t_hi, -1.0), -1.0)
-        start = tl.maximum(tl.min(tl.floor(t_lo), axis=0).to(tl.int32), 0)
-        stop = tl.minimum(tl.max(tl.ceil(t_hi), axis=0).to(tl.int32) + 1, n_steps)
-        acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
+        start = tl.maximum(tl.min(tl.floor(t_lo), axis=0).to(tl.int32), pid_s * steps_per_split)
+        stop = tl.minimum(tl.max(tl.ceil(t_hi), axis=0).to(tl.int32) + 1,
+                          tl.minimum(n_steps, (pid_s + 1) * steps_per_split))
+        acc = tl.zeros([BLOCK_R, BB], dtype=tl.float32)
         for t in range(start, stop):
             f = a + b * t
             lo_f = tl.floor(f)
@@ -210,15 +235,14 @@ if triton is not None:
             ok = rm & (t < n_major)
             ok0 = ok & (lo >= 0) & (lo < n_minor)
             ok1 = ok & (lo + 1 >= 0) & (lo + 1 < n_minor)
-            off0 = (base + t * n_minor + lo) * B
-            m0 = ok0[:, None] & bm[None, :]
-            m1 = ok1[:, None] & bm[None, :]
-            v0 = tl.load(img_ptr + off0[:, None] + bi[None, :], mask=m0, other=0.0).to(tl.float32)
-            v1 = tl.load(img_ptr + (off0 + B)[:, None] + bi[None, :], mask=m1, other=0.0).to(tl.float32)
+            off0 = (base + t * n_minor + lo) * BB
+            v0 = tl.load(img_ptr + off0[:, None] + lane[None, :], mask=ok0[:, None], other=0.0).to(tl.float32)
+            v1 = tl.load(img_ptr + (off0 + BB)[:, None] + lane[None, :], mask=ok1[:, None],
+                         other=0.0).to(tl.float32)
             acc += v0 * (1.0 - hi_w)[:, None] + v1 * hi_w[:, None]
         acc = acc * wt[:, None]
         out = out_ptr + bi[None, :] * n_rays + r[:, None]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & bm[None, :])
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & (bi < B)[None, :])
 
     @triton.jit
     def _det_index(px, py, cs, sn, det_count, det_spacing, det_offset, sod, sdd,
@@ -230,27 +254,36 @@ if triton is not None:
         return (s - det_offset) / det_spacing + (det_count - 1) * 0.5
 
     @triton.jit
-    def _bp2d_kernel(sino_ptr, out_ptr, a_ptr, b_ptr, wm_ptr, has_ptr, cos_ptr, sin_ptr,
+    def _bp2d_kernel(sino_ptr, out_ptr, tab_ptr, a_ptr, b_ptr, wm_ptr, has_ptr, cos_ptr, sin_ptr,
                      n_angles, det_count, H, W, B, ps, det_spacing, det_offset, sod, sdd,
-                     FAN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
-        # sino_ptr: (n_rays, B) float (batch innermost); out_ptr: (B, H*W);
-        # wm_ptr: (2, n_rays) step length of the rays of each major axis, 0 for the others;
+                     angles_per_split,
+                     FAN: tl.constexpr, PACKED: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BB: tl.constexpr):
+        # sino_ptr: (n_bblocks, n_rays, BB), batch innermost with a compile-time stride;
+        # out_ptr: (splits, B, H*W), split s sums the angles of its chunk;
+        # tab_ptr: (n_rays, 4) = a, b, step length if the ray steps over rows else 0, the
+        # same for columns (one vector load per candidate ray when PACKED); a_ptr, b_ptr,
+        # wm_ptr: the same numbers as separate arrays, wm (2, n_rays);
         # has_ptr: (n_angles, 2) int32, whether the angle has rays of each major axis
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        n_rays = n_angles * det_count
+        sino_ptr += pid_b.to(tl.int64) * n_rays * BB
+        out_ptr += pid_s.to(tl.int64) * B * H * W
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         pm = p < H * W
         i = p // W
         j = p - i * W
-        bi = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        bm = bi < B
-        n_rays = n_angles * det_count
+        lane = tl.arange(0, BB)
+        bi = pid_b * BB + lane
+        col = tl.arange(0, 4)[None, :]
         x = (j.to(tl.float32) - (W - 1) * 0.5) * ps
         y = ((H - 1) * 0.5 - i.to(tl.float32)) * ps
         fi = i.to(tl.float32)
         fj = j.to(tl.float32)
-        acc = tl.zeros([BLOCK_P, BLOCK_B], dtype=tl.float32)
-        for ang in range(n_angles):
+        acc = tl.zeros([BLOCK_P, BB], dtype=tl.float32)
+        for ang in range(pid_s * angles_per_split, tl.minimum(n_angles, (pid_s + 1) * angles_per_split)):
             cs = tl.load(cos_ptr + ang)
             sn = tl.load(sin_ptr + ang)
             for major in tl.static_range(2):
@@ -279,9 +312,15 @@ if triton is not None:
                         k = k0 + c
                         ok = pm & (k <= k1)
                         ray = ang * det_count + k
-                        a = tl.load(a_ptr + ray, mask=ok, other=0.0)
-                        b = tl.load(b_ptr + ray, mask=ok, other=0.0)
-                        wt = tl.load(wm_ptr + major * n_rays + ray, mask=ok, other=0.0)
+                        if PACKED:
+                            rec = tl.load(tab_ptr + ray[:, None] * 4 + col, mask=ok[:, None], other=0.0)
+                            a = tl.sum(tl.where(col == 0, rec, 0.0), axis=1)
+                            b = tl.sum(tl.where(col == 1, rec, 0.0), axis=1)
+                            wt = tl.sum(tl.where(col == 2 + major, rec, 0.0), axis=1)
+                        else:
+                            a = tl.load(a_ptr + ray, mask=ok, other=0.0)
+                            b = tl.load(b_ptr + ray, mask=ok, other=0.0)
+                            wt = tl.load(wm_ptr + major * n_rays + ray, mask=ok, other=0.0)
                         f = a + b * t_f
                         lo_f = tl.floor(f)
                         hi_w = f - lo_f
@@ -289,18 +328,106 @@ if triton is not None:
                         coef = tl.where(lo == target, 1.0 - hi_w, tl.where(lo + 1 == target, hi_w, 0.0))
                         coef = coef * wt
                         use = ok & (coef != 0.0)
-                        v = tl.load(sino_ptr + ray[:, None] * B + bi[None, :],
-                                    mask=use[:, None] & bm[None, :], other=0.0).to(tl.float32)
+                        v = tl.load(sino_ptr + ray[:, None] * BB + lane[None, :],
+                                    mask=use[:, None], other=0.0).to(tl.float32)
                         acc += v * coef[:, None]
         out = out_ptr + bi[None, :] * (H * W) + p[:, None]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pm[:, None] & bm[None, :])
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pm[:, None] & (bi < B)[None, :])
 
 
+# ---------------------------------------------------------------------------------------
+# launch configuration: work split and a small per-shape tuner
+# ---------------------------------------------------------------------------------------
 _BLOCK_B_MAX = 8
+# Launch shapes tried on the first call for each problem shape (each output element runs
+# the same loop in the same order; results agree to float rounding): (block, num_warps[,
+# packed ray table]). The first is used when tuning is off (FEDRECON_TRITON_TUNE=0, or
+# Triton's CPU interpreter).
+_FP2D_CONFIGS = ((128, 4), (64, 2), (32, 1), (16, 1), (128, 2))
+_BP2D_CONFIGS = ((128, 4, True), (128, 4, False), (64, 2, True), (32, 1, True), (32, 1, False),
+                 (16, 1, True))
+_CONE_CONFIGS = ((128, 4), (64, 2), (32, 1), (16, 1))
+_TUNED: dict[tuple, tuple] = {}
+# None: split a launch's loop (steps for A, angles for A^T) into chunks when it has too few
+# rays/pixels to fill the GPU; an int forces that many chunks (1 = no split)
+SPLIT: int | None = None
+_MAX_SPLITS = 8
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block_b(batch: int) -> int:
     return min(_BLOCK_B_MAX, triton.next_power_of_2(max(batch, 1)))
+
+
+def _splits(lanes: int, loop: int, device: torch.device) -> int:
+    """Chunks of a kernel's loop: enough (ray or pixel, batch block) lanes for every thread
+    slot of the GPU (SMs x 2048), at most 8 and at least 16 loop iterations each. A function
+    of the problem and the card only, so a given call always sums in the same order."""
+    if SPLIT is not None:
+        return max(1, min(SPLIT, loop))
+    if device.type != "cuda":
+        n = 1
+    else:
+        props = torch.cuda.get_device_properties(device)
+        slots = props.multi_processor_count * getattr(props, "max_threads_per_multi_processor", 2048)
+        n = slots // max(lanes, 1)
+    return max(1, min(n, _MAX_SPLITS, loop // 16 if loop >= 32 else 1))
+
+
+def _tune(key: tuple, configs: tuple, launch) -> tuple:
+    """The fastest of ``configs`` for ``key`` (median of 3 timed launches each after one
+    untimed, which also compiles), remembered per process; ``launch(cfg)`` must only
+    overwrite its outputs. Off under the interpreter or with FEDRECON_TRITON_TUNE=0."""
+    import os
+
+    with _LOCK:
+        cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if (len(configs) == 1 or _interpreting() or os.environ.get("FEDRECON_TRITON_TUNE", "1") == "0"
+            or torch.cuda.is_current_stream_capturing()):
+        return configs[0]  # not remembered: a later call may tune
+    else:
+        times = []
+        for c in configs:
+            launch(c)
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(3)]
+            for start, end in ev:
+                start.record()
+                launch(c)
+                end.record()
+            torch.cuda.synchronize()
+            times.append(sorted(s.elapsed_time(e) for s, e in ev)[1])
+        cfg = configs[min(range(len(configs)), key=times.__getitem__)]
+    with _LOCK:
+        _TUNED[key] = cfg
+    return cfg
+
+
+def tuned_configs() -> dict[tuple, tuple]:
+    """The launch shapes the tuner picked so far: ``{(kernel, shape...): config}``."""
+    with _LOCK:
+        return dict(_TUNED)
+
+
+def _batch_blocks(t: Tensor, block_b: int) -> Tensor:
+    """``(B, N)`` -> ``(ceil(B / block_b), N, block_b)``, zero padded, contiguous."""
+    batch, n = t.shape
+    nbb = triton.cdiv(batch, block_b)
+    if nbb * block_b != batch:
+        t = torch.cat([t, t.new_zeros(nbb * block_b - batch, n)])
+    return t.view(nbb, block_b, n).transpose(1, 2).contiguous()
+
+
+def _sum_splits(part: Tensor, dtype: torch.dtype) -> Tensor:
+    """Add the chunks' partial sums in a fixed order (deterministic)."""
+    out = part[0] if part.shape[0] == 1 else part.sum(0)
+    return out.to(dtype)
 
 
 def joseph2d_forward(geom, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
@@ -308,18 +435,31 @@ def joseph2d_forward(geom, x: Tensor, out_dtype: torch.dtype | None = None) -> T
     h, w = geom.image_size
     table = ray_table_2d(geom, x.device)
     batch = x.shape[0]
-    # two copies, batch innermost: (H*W, B) row-major for row-stepping rays and the
-    # transpose (W*H, B) for column-stepping rays, so both gather along contiguous memory
-    img = torch.stack([x.permute(1, 2, 0).reshape(h * w, batch),
-                       x.permute(2, 1, 0).reshape(h * w, batch)]).contiguous()
+    bb = _block_b(batch)
+    # per batch block, the image row-major and transposed, batch innermost: both kinds of
+    # rays gather along contiguous memory
+    img = torch.stack([_batch_blocks(x.reshape(batch, h * w), bb),
+                       _batch_blocks(x.transpose(1, 2).reshape(batch, h * w), bb)], 1).contiguous()
     n_rays = geom.n_angles * geom.det_count
-    out = torch.empty(batch, n_rays, device=x.device, dtype=out_dtype or x.dtype)
-    block_b = _block_b(batch)
-    grid = (triton.cdiv(n_rays, 128), triton.cdiv(batch, block_b))
-    _fp2d_kernel[grid](img, out, table.a, table.b, table.w,
-                       table.axis, n_rays, h, w, batch, max(h, w),
-                       BLOCK_R=128, BLOCK_B=block_b, num_warps=4)
-    return out.view(batch, geom.n_angles, geom.det_count)
+    n_steps = max(h, w)
+    nbb = img.shape[0]
+    splits = _splits(n_rays * nbb, n_steps, x.device)
+    per = triton.cdiv(n_steps, splits)
+    splits = triton.cdiv(n_steps, per)
+    dtype = out_dtype or x.dtype
+    part = torch.empty(splits, batch, n_rays, device=x.device,
+                       dtype=dtype if splits == 1 else torch.float32)
+
+    def launch(cfg):
+        block, warps = cfg
+        _fp2d_kernel[(triton.cdiv(n_rays, block), nbb, splits)](
+            img, part, table.a, table.b, table.w, table.axis, n_rays, h, w, batch, n_steps, per,
+            BLOCK_R=block, BB=bb, num_warps=warps)
+
+    cfg = _tune(("fp2d", geom.kind, h, w, n_rays, batch, splits, str(x.dtype), str(x.device)),
+                _FP2D_CONFIGS, launch)
+    launch(cfg)
+    return _sum_splits(part, dtype).view(batch, geom.n_angles, geom.det_count)
 
 
 def joseph2d_adjoint(geom, y: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
@@ -328,18 +468,31 @@ def joseph2d_adjoint(geom, y: Tensor, out_dtype: torch.dtype | None = None) -> T
     table = ray_table_2d(geom, y.device)
     batch = y.shape[0]
     n_rays = geom.n_angles * geom.det_count
-    sino = y.reshape(batch, n_rays).T.contiguous()  # (n_rays, B)
-    out = torch.empty(batch, h * w, device=y.device, dtype=out_dtype or y.dtype)
+    bb = _block_b(batch)
+    sino = _batch_blocks(y.reshape(batch, n_rays), bb)  # (n_bblocks, n_rays, BB)
+    nbb = sino.shape[0]
     fan = geom.kind == "fan"
-    block_b = _block_b(batch)
-    grid = (triton.cdiv(h * w, 128), triton.cdiv(batch, block_b))
-    _bp2d_kernel[grid](sino, out, table.a, table.b, table.w_major,
-                       table.has_major, table.cos, table.sin, geom.n_angles, geom.det_count, h, w, batch,
-                       float(geom.pixel_spacing), float(geom.det_spacing), float(geom.det_offset),
-                       float(geom.source_distance) if fan else 0.0,
-                       float(geom.source_detector_distance) if fan else 0.0,
-                       FAN=fan, BLOCK_P=128, BLOCK_B=block_b, num_warps=4)
-    return out.view(batch, h, w)
+    splits = _splits(h * w * nbb, geom.n_angles, y.device)
+    per = triton.cdiv(geom.n_angles, splits)
+    splits = triton.cdiv(geom.n_angles, per)
+    dtype = out_dtype or y.dtype
+    part = torch.empty(splits, batch, h * w, device=y.device,
+                       dtype=dtype if splits == 1 else torch.float32)
+
+    def launch(cfg):
+        block, warps, packed = cfg
+        _bp2d_kernel[(triton.cdiv(h * w, block), nbb, splits)](
+            sino, part, table.packed, table.a, table.b, table.w_major, table.has_major,
+            table.cos, table.sin, geom.n_angles, geom.det_count, h, w, batch,
+            float(geom.pixel_spacing), float(geom.det_spacing), float(geom.det_offset),
+            float(geom.source_distance) if fan else 0.0,
+            float(geom.source_detector_distance) if fan else 0.0, per,
+            FAN=fan, PACKED=packed, BLOCK_P=block, BB=bb, num_warps=warps)
+
+    cfg = _tune(("bp2d", geom.kind, h, w, n_rays, batch, splits, str(y.dtype), str(y.device)),
+                _BP2D_CONFIGS, launch)
+    launch(cfg)
+    return _sum_splits(part, dtype).view(batch, h, w)
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,7 +512,18 @@ def ray_table_3d(geom, device: torch.device, dtype: torch.dtype = torch.float32)
     q0 = torch.stack([origins[:, 2] / vs + (d - 1) / 2, (h - 1) / 2 - origins[:, 1] / vs,
                       origins[:, 0] / vs + (w - 1) / 2], 1)
     e = torch.stack([directions[:, 2], -directions[:, 1], directions[:, 0]], 1) / vs
-    axis, a, b, step = _line_params(q0, e)
+    forced = None
+    if geom.stepping == "view":
+        # every ray of a view steps along the major axis of the view's central ray (source
+        # to detector centre), as ASTRA's cone kernels do
+        centre = geom.central_directions()
+        view_axis = _major_axis(torch.stack([centre[:, 2], -centre[:, 1], centre[:, 0]], 1))
+        forced = view_axis.repeat_interleave(geom.det_rows * geom.det_cols)
+        along = e.gather(1, forced[:, None]).abs()[:, 0] / torch.linalg.vector_norm(e, dim=1)
+        if float(along.min()) < 0.05:
+            raise ValueError("stepping='view' needs every ray within ~87 degrees of its view's "
+                             "stepping axis; this geometry's cone is too wide: use stepping='ray'")
+    axis, a, b, step = _line_params(q0, e, forced)
     table = RayTable(a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous(),
                      step.to(device, dtype).contiguous(), axis.to(device, torch.int32).contiguous())
     return _remember(key, table)
@@ -463,9 +627,18 @@ def _cone_launch(geom, src: Tensor, dst: Tensor, adjoint: bool) -> None:
     n_rays = table.w.numel()
     batch = src.shape[-1] if not adjoint else src.shape[0]
     block_b = _block_b(batch)
-    grid = (triton.cdiv(n_rays, 128), triton.cdiv(batch, block_b))
-    _cone_walk[grid](src, dst, table.a, table.b, table.w, table.axis, n_rays, d, h, w, batch,
-                     max(d, h, w), ADJOINT=adjoint, BLOCK_R=128, BLOCK_B=block_b, num_warps=4)
+
+    def launch(cfg):
+        block, warps = cfg
+        if adjoint:
+            dst.zero_()  # the scatter accumulates: every launch starts from zero
+        _cone_walk[(triton.cdiv(n_rays, block), triton.cdiv(batch, block_b))](
+            src, dst, table.a, table.b, table.w, table.axis, n_rays, d, h, w, batch,
+            max(d, h, w), ADJOINT=adjoint, BLOCK_R=block, BLOCK_B=block_b, num_warps=warps)
+
+    cfg = _tune(("cone", adjoint, d, h, w, n_rays, batch, str(src.dtype), str(src.device)),
+                _CONE_CONFIGS, launch)
+    launch(cfg)
 
 
 def joseph3d_forward(geom, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:

@@ -132,7 +132,20 @@ class AstraCuda3D:
         self.astra.algorithm.run(self.bp)
 
 
-def bench_2d(name: str, op, batch: int, l2: float, use_astra: bool, rows: list) -> None:
+def load_baseline(path: str):
+    """Another version of ``_triton_ct.py`` (e.g. ``git show REV:operators/_triton_ct.py``),
+    imported as its own module, to time against the current kernels in the same run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_triton_ct_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_2d(name: str, op, batch: int, l2: float, use_astra: bool, rows: list,
+             baseline=None) -> None:
     g = op.geometry
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.rand(batch, *op.domain_shape, device="cuda", generator=gen)
@@ -140,6 +153,22 @@ def bench_2d(name: str, op, batch: int, l2: float, use_astra: bool, rows: list) 
     fwd_bytes, adj_bytes = gather_bytes_2d(op, batch, 4)
     ref_f = T.joseph2d_forward(g, x)
     ref_b = T.joseph2d_adjoint(g, y)
+    floors = (fwd_bytes / l2 / 1e6, adj_bytes / l2 / 1e6)
+    if baseline is not None:
+        tf0 = timeit(lambda: baseline.joseph2d_forward(g, x))
+        tb0 = timeit(lambda: baseline.joseph2d_adjoint(g, y))
+        e0 = f"{rel(baseline.joseph2d_forward(g, x), ref_f):.1e} / {rel(baseline.joseph2d_adjoint(g, y), ref_b):.1e}"
+        rows.append((name, "Triton float32, **before** (baseline kernels)", tf0, tb0,
+                     f"{tf0 / floors[0]:.1f}x / {tb0 / floors[1]:.1f}x", e0))
+    T.SPLIT = 1  # the same kernels without splitting their loop over programs
+    try:
+        tf1 = timeit(lambda: T.joseph2d_forward(g, x))
+        tb1 = timeit(lambda: T.joseph2d_adjoint(g, y))
+        e1 = f"{rel(T.joseph2d_forward(g, x), ref_f):.1e} / {rel(T.joseph2d_adjoint(g, y), ref_b):.1e}"
+    finally:
+        T.SPLIT = None
+    rows.append((name, "Triton float32, loop not split", tf1, tb1,
+                 f"{tf1 / floors[0]:.1f}x / {tb1 / floors[1]:.1f}x", e1))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         xd, yd = x.to(dtype), y.to(dtype)
         el = torch.finfo(dtype).bits // 8
@@ -295,6 +324,29 @@ def bench_cone(args, l2: float, use_astra: bool, rows: list) -> None:
     print(f"cone vs ASTRA: {best}: {errs[best]:.2e} (all: " + ", ".join(f"{v:.2e}" for v in errs.values()) + ")")
     rows.append((name, "ASTRA-CUDA cone_vec (device memory)", tf, tb, "-",
                  f"{errs[best]:.1e} / {eb:.1e} vs ours"))
+    # ASTRA's cone kernels step every ray of a view along the view's central axis; ours
+    # (stepping='ray') each along its own. The same projection with stepping='view':
+    vflip, pflip = "volume y flipped" in best, "rows flipped" in best
+    vol.copy_(x[0].flip(1) if vflip else x[0])
+    ast.forward()
+    theirs = proj.flip(0) if pflip else proj
+    op_v = ConeBeam3D(n, n_angles=views, det_shape=det, source_distance=2.0 * n,
+                      detector_distance=1.0 * n, det_spacing=1.5, backend="triton",
+                      stepping="view").cuda()
+    ours_v = op_v.A(x)
+    tf_v = timeit(lambda: op_v.A(x), reps=5)
+    tb_v = timeit(lambda: op_v.A_adjoint(y), reps=5)
+    err_v = rel(theirs, ours_v[0].permute(1, 0, 2))
+    ax_r = T.ray_table_3d(g, torch.device("cuda")).axis
+    ax_v = T.ray_table_3d(op_v.geometry, torch.device("cuda")).axis
+    same = (ax_r == ax_v).view(views, det[0], det[1]).permute(1, 0, 2)
+    e_same = rel(theirs[same], ours[same])
+    e_diff = rel(theirs[~same], ours[~same]) if bool((~same).any()) else float("nan")
+    print(f"cone vs ASTRA, stepping='ray': {rel(theirs, ours):.2e} overall; {e_same:.2e} on the "
+          f"{float(same.float().mean()):.1%} of rays whose own major axis is their view's, "
+          f"{e_diff:.2e} on the others; stepping='view': {err_v:.2e}")
+    rows.append((name, "Triton float32, stepping='view' (ASTRA's rule)", tf_v, tb_v, "-",
+                 f"{err_v:.1e} vs ASTRA"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-astra", action="store_true")
     p.add_argument("--no-cone", action="store_true")
     p.add_argument("--no-2d", action="store_true")
+    p.add_argument("--baseline", help="an older _triton_ct.py to time side by side")
     args = p.parse_args(argv)
     if not T.available():
         sys.exit("bench_gpu.py needs a CUDA device and Triton")
@@ -323,10 +376,15 @@ def main(argv: list[str] | None = None) -> None:
         (f"parallel B={args.batch} 512^2 720 views", ParallelBeam2D(512, n_angles=720).cuda()),
     ]
     rows: list = []
+    baseline = load_baseline(args.baseline) if args.baseline else None
     for name, op in ([] if args.no_2d else cases):
-        bench_2d(name, op, args.batch, l2, use_astra, rows)
+        bench_2d(name, op, args.batch, l2, use_astra, rows, baseline)
     if not args.no_cone:
         bench_cone(args, l2, use_astra, rows)
+    print("launch shapes picked by the tuner: (block, warps[, packed ray table]) for")
+    print("2D (kernel, geometry, H, W, rays, batch, loop chunks, dtype) and cone (adjoint?, D, H, W, rays, batch, dtype):")
+    for key, cfg in sorted(T.tuned_configs().items(), key=str):
+        print(f"  {key[:-1]}: {cfg}")
     print("| case | method | A (ms) | A^T (ms) | time / gather floor (A / A^T) | rel. diff (A / A^T) |")
     print("|---|---|---:|---:|---:|---:|")
     for case, method, tf, tb, floor, err in rows:

@@ -33,11 +33,13 @@ def _ball(n: int, radius: float, supersample: int = 4) -> torch.Tensor:
     return acc / supersample**3
 
 
-def test_cone_beam_matches_chord_lengths_of_a_ball():
+@pytest.mark.parametrize("stepping", ["ray", "view"])
+def test_cone_beam_matches_chord_lengths_of_a_ball(stepping):
     """Line integrals of a (supersampled) ball of radius R are chord lengths 2 sqrt(R^2 - d^2)."""
     n, radius = 40, 12.0
     op = ConeBeam3D(n, n_angles=4, det_shape=(24, 30), det_spacing=2.0, source_distance=80.0,
-                    detector_distance=40.0, backend="torch")
+                    detector_distance=40.0, backend="torch", stepping=stepping,
+                    angles=[0.3, 0.7, 0.785, 2.0])
     proj = op.A(_ball(n, radius)[None])[0]
     src, d = op.geometry.rays(torch.device("cpu"))
     closest = src - (src * d).sum(1, keepdim=True) * d
@@ -72,16 +74,42 @@ def test_cone_beam_off_centre_detector_and_shifted_ball():
         assert abs(m_row - row) < 0.3 and abs(m_col - col) < 0.3
 
 
-def test_cone_beam_gradient_is_the_adjoint():
+@pytest.mark.parametrize("stepping", ["ray", "view"])
+def test_cone_beam_gradient_is_the_adjoint(stepping):
     op = ConeBeam3D((5, 6, 7), n_angles=3, det_shape=(6, 8), source_distance=15.0,
-                    detector_distance=9.0, backend="torch").double()
+                    detector_distance=9.0, backend="torch", stepping=stepping).double()
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 3, 6, 8, dtype=torch.float64)
     (op.A(x) * y).sum().backward()
     torch.testing.assert_close(x.grad, op.A_adjoint(y), rtol=1e-12, atol=1e-12)
 
 
+def test_cone_beam_view_stepping_differs_only_where_rays_cross_the_diagonals():
+    """stepping='view' (ASTRA's rule: one stepping axis per view, the central ray's) equals
+    per-ray stepping in views whose rays all share the central ray's axis, and differs in a
+    view at 45 degrees, where half the rays are x-major and half y-major."""
+    kw = {"det_shape": (10, 16), "source_distance": 40.0, "detector_distance": 20.0,
+          "backend": "torch"}
+    x = torch.rand(1, 12, 14, 14, dtype=torch.float64)
+    narrow = [0.05, 1.5, 3.3]  # fan half-angle ~11 degrees: no ray crosses a diagonal
+    a = ConeBeam3D((12, 14, 14), angles=narrow, **kw).A(x)
+    b = ConeBeam3D((12, 14, 14), angles=narrow, stepping="view", **kw).A(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    diag = [math.pi / 4 + 0.01]
+    op_r = ConeBeam3D((12, 14, 14), angles=diag, **kw)
+    op_v = ConeBeam3D((12, 14, 14), angles=diag, stepping="view", **kw)
+    pr, pv = op_r.A(x), op_v.A(x)
+    ax_r = _triton_ct.ray_table_3d(op_r.geometry, torch.device("cpu")).axis
+    ax_v = _triton_ct.ray_table_3d(op_v.geometry, torch.device("cpu")).axis
+    same = (ax_r == ax_v).reshape(pr.shape[1:])
+    assert 0 < int(same.sum()) < same.numel()
+    torch.testing.assert_close(pr[0][same], pv[0][same], rtol=0, atol=0)
+    assert float((pr[0][~same] - pv[0][~same]).abs().max()) > 1e-3
+    assert _rel(pv, pr) < 0.05  # two discretizations of the same line integrals
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"volume_size": 8, "source_distance": 50.0, "detector_distance": 5.0, "stepping": "astra"}, "stepping"),
     ({"volume_size": 8, "source_distance": 5.0, "detector_distance": 5.0}, "source_distance"),
     ({"volume_size": (8, 8), "source_distance": 50.0, "detector_distance": 5.0}, "volume_size"),
     ({"volume_size": 8, "source_distance": 50.0, "detector_distance": 5.0, "backend": "cuda"}, "backend"),
@@ -133,6 +161,54 @@ def test_triton_2d_equals_sparse_cpu(name, batch):
     assert abs(lhs - rhs) <= 1e-5 * (fwd.double() * y.double()).abs().sum()
 
 
+@pytest.mark.parametrize("name", ["parallel_offset", "fan_short"])
+@needs_triton_cuda
+def test_triton_2d_every_launch_shape_and_split(name, monkeypatch):
+    """Each launch shape the tuner may pick gives the same result to float rounding (not
+    bitwise: each shape compiles to different arithmetic code); the loop split
+    into chunks (partial sums added in a fixed order) matches the CPU path too."""
+    gen = torch.Generator().manual_seed(5)
+    cpu = GEOMETRIES_2D[name]()
+    g = cpu.geometry
+    x = torch.randn(11, *cpu.domain_shape, generator=gen)
+    y = torch.randn(11, *cpu.range_shape, generator=gen)
+    ref_f, ref_b = cpu.A(x), cpu.A_adjoint(y)
+    for split in (1, 3):
+        monkeypatch.setattr(_triton_ct, "SPLIT", split)
+        outs_f, outs_b = [], []
+        for cfg in _triton_ct._FP2D_CONFIGS:
+            monkeypatch.setattr(_triton_ct, "_TUNED", {})
+            monkeypatch.setattr(_triton_ct, "_FP2D_CONFIGS", (cfg,))
+            fwd = _triton_ct.joseph2d_forward(g, x.cuda()).cpu()
+            assert _rel(fwd, ref_f) < 1e-5, (split, cfg)
+            outs_f.append(fwd)
+        for cfg in _triton_ct._BP2D_CONFIGS:
+            monkeypatch.setattr(_triton_ct, "_TUNED", {})
+            monkeypatch.setattr(_triton_ct, "_BP2D_CONFIGS", (cfg,))
+            adj = _triton_ct.joseph2d_adjoint(g, y.cuda()).cpu()
+            assert _rel(adj, ref_b) < 1e-5, (split, cfg)
+            outs_b.append(adj)
+        monkeypatch.undo()
+        assert max(_rel(o, outs_f[0]) for o in outs_f) < 1e-6, split
+        assert max(_rel(o, outs_b[0]) for o in outs_b) < 1e-6, split
+
+
+@needs_triton_cuda
+def test_triton_cone_every_launch_shape(monkeypatch):
+    kw = {"n_angles": 5, "det_shape": (14, 18), "source_distance": 50.0, "detector_distance": 25.0}
+    cpu = ConeBeam3D((10, 12, 14), backend="torch", **kw)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, *cpu.domain_shape, generator=gen)
+    y = torch.randn(3, *cpu.range_shape, generator=gen)
+    ref_f, ref_b = cpu.A(x), cpu.A_adjoint(y)
+    for cfg in _triton_ct._CONE_CONFIGS:
+        monkeypatch.setattr(_triton_ct, "_TUNED", {})
+        monkeypatch.setattr(_triton_ct, "_CONE_CONFIGS", (cfg,))
+        assert _rel(_triton_ct.joseph3d_forward(cpu.geometry, x.cuda()).cpu(), ref_f) < 1e-5, cfg
+        assert _rel(_triton_ct.joseph3d_adjoint(cpu.geometry, y.cuda()).cpu(), ref_b) < 1e-5, cfg
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 @needs_triton_cuda
 def test_triton_2d_half_precision_storage(dtype, tol):
@@ -160,11 +236,13 @@ def test_triton_2d_clinical_size_and_autograd():
     torch.testing.assert_close(xg.grad, gpu.A_adjoint(y), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape, det", [((6, 9, 8), (9, 13)), ((20, 24, 28), (30, 44))])
+@pytest.mark.parametrize("shape, det, stepping", [((6, 9, 8), (9, 13), "ray"),
+                                                  ((20, 24, 28), (30, 44), "ray"),
+                                                  ((20, 24, 28), (30, 44), "view")])
 @needs_triton_cuda
-def test_triton_cone_equals_torch_cpu(shape, det):
+def test_triton_cone_equals_torch_cpu(shape, det, stepping):
     kw = {"n_angles": 11, "det_shape": det, "source_distance": 60.0, "detector_distance": 30.0,
-              "det_offset": (0.4, -0.7)}
+          "det_offset": (0.4, -0.7), "stepping": stepping}
     cpu = ConeBeam3D(shape, backend="torch", **kw)
     gpu = ConeBeam3D(shape, backend="triton", **kw).cuda()
     gen = torch.Generator().manual_seed(2)

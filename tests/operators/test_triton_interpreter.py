@@ -44,6 +44,19 @@ SCRIPT = textwrap.dedent('''
         x, y = torch.randn(3, *g.image_size), torch.randn(3, g.n_angles, g.det_count)
         assert rel(T.joseph2d_forward(g, x), op.A(x)) < 1e-5, g
         assert rel(T.joseph2d_adjoint(g, y), op.A_adjoint(y)) < 1e-5, g
+    # every launch shape the GPU tuner may pick, the loop split into chunks, two batch blocks
+    op = FanBeam2D((7, 9), n_angles=6, det_count=17, source_distance=30.0, detector_distance=20.0)
+    g = op.geometry
+    x, y = torch.randn(5, *g.image_size), torch.randn(5, g.n_angles, g.det_count)
+    fp_all, bp_all = T._FP2D_CONFIGS, T._BP2D_CONFIGS
+    T.SPLIT = 3
+    for fcfg, bcfg in zip(fp_all * 2, bp_all):
+        T._FP2D_CONFIGS, T._BP2D_CONFIGS = (fcfg,), (bcfg,)
+        T._TUNED.clear()
+        assert rel(T.joseph2d_forward(g, x), op.A(x)) < 1e-5, fcfg
+        assert rel(T.joseph2d_adjoint(g, y), op.A_adjoint(y)) < 1e-5, bcfg
+    T.SPLIT, T._FP2D_CONFIGS, T._BP2D_CONFIGS = None, fp_all, bp_all
+    T._TUNED.clear()
     g = ConeBeam3D((5, 7, 6), n_angles=4, det_shape=(7, 9), source_distance=20.0,
                    detector_distance=12.0).geometry
     x, y = torch.randn(2, 5, 7, 6), torch.randn(2, 4, 7, 9)
