@@ -378,10 +378,12 @@ def _splits(lanes: int, loop: int, device: torch.device) -> int:
     return max(1, min(n, _MAX_SPLITS, loop // 16 if loop >= 32 else 1))
 
 
-def _tune(key: tuple, configs: tuple, launch) -> tuple:
-    """The fastest of ``configs`` for ``key`` (median of 3 timed launches each after one
-    untimed, which also compiles), remembered per process; ``launch(cfg)`` must only
-    overwrite its outputs. Off under the interpreter or with FEDRECON_TRITON_TUNE=0."""
+def _tune(key: tuple, configs: tuple, launch, rounds: int = 5) -> tuple:
+    """The fastest of ``configs`` for ``key``, remembered per process. Every config is
+    launched once untimed (compiling it and bringing the GPU's clocks up), then timed in
+    ``rounds`` round-robin passes (one launch each), so that clock ramps and noise hit all
+    alike; the lowest median wins. ``launch(cfg)`` must only overwrite its outputs. Off under
+    the interpreter, during CUDA-graph capture or with FEDRECON_TRITON_TUNE=0."""
     import os
 
     with _LOCK:
@@ -391,19 +393,19 @@ def _tune(key: tuple, configs: tuple, launch) -> tuple:
     if (len(configs) == 1 or _interpreting() or os.environ.get("FEDRECON_TRITON_TUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return configs[0]  # not remembered: a later call may tune
-    else:
-        times = []
-        for c in configs:
+    for c in configs:
+        launch(c)
+    events = [[] for _ in configs]
+    for _ in range(rounds):
+        for n, c in enumerate(configs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             launch(c)
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(3)]
-            for start, end in ev:
-                start.record()
-                launch(c)
-                end.record()
-            torch.cuda.synchronize()
-            times.append(sorted(s.elapsed_time(e) for s, e in ev)[1])
-        cfg = configs[min(range(len(configs)), key=times.__getitem__)]
+            end.record()
+            events[n].append((start, end))
+    torch.cuda.synchronize()
+    medians = [sorted(s.elapsed_time(e) for s, e in ev)[rounds // 2] for ev in events]
+    cfg = configs[min(range(len(configs)), key=medians.__getitem__)]
     with _LOCK:
         _TUNED[key] = cfg
     return cfg
