@@ -328,8 +328,8 @@ class _Projector2D(LinearOperator):
         mat, mat_t = self.matrices(t.dtype, t.device)
         if transpose:
             mat, mat_t = mat_t, mat
-        flat = t.reshape(-1, in_shape[0] * in_shape[1]).T
-        out = _SparseApply.apply(flat.contiguous(), mat, mat_t)
+        flat = t.reshape(-1, in_shape[0] * in_shape[1]).T  # made contiguous by _cpu_spmm.matmul
+        out = _SparseApply.apply(flat, mat, mat_t)
         return out.T.reshape(*batch, *out_shape)
 
     def _use_triton(self, t: Tensor) -> bool:
