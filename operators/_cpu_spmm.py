@@ -15,9 +15,9 @@ matrix is read at 9 GB/s of the 24 GB/s this 2-core machine streams). This kerne
   balanced by entries), not numba's parallel loops: no second OpenMP runtime competing with
   torch's, nothing unsafe after a fork.
 
-Measured on a 2-core AMD EPYC (Zen 1), interleaved with MKL in one process: 0.56-0.63x
-MKL's time for the backprojections and ~0.7x for the forward projections of the benchmark
-geometries (parallel and fan), with 1 or 2 threads; batches are padded to multiples of 8
+Measured on a 2-core AMD EPYC (Zen 1) against MKL: 0.56-0.72x MKL's time for the
+backprojections and 0.7-0.8x for the forward projections of the benchmark geometries
+(parallel and fan; 1 and 2 threads; docs/benchmarks.md); batches are padded to multiples of 8
 lanes and still win at batch 1 (0.87x). Sums run in the operand's dtype in another order
 than MKL's: ~3e-7 relative difference in float32, ~1e-15 in float64.
 
