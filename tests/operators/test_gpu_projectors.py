@@ -161,6 +161,17 @@ def test_triton_2d_equals_sparse_cpu(name, batch):
     assert abs(lhs - rhs) <= 1e-5 * (fwd.double() * y.double()).abs().sum()
 
 
+def _each_launch_shape(monkeypatch, attr: str, fn) -> list[torch.Tensor]:
+    """``fn()`` once per launch shape of ``_triton_ct.<attr>``, the tuner held to that shape."""
+    outs = []
+    for cfg in getattr(_triton_ct, attr):
+        with monkeypatch.context() as m:
+            m.setattr(_triton_ct, "_TUNED", {})
+            m.setattr(_triton_ct, attr, (cfg,))
+            outs.append(fn().cpu())
+    return outs
+
+
 @pytest.mark.parametrize("name", ["parallel_offset", "fan_short"])
 @needs_triton_cuda
 def test_triton_2d_every_launch_shape_and_split(name, monkeypatch):
@@ -172,25 +183,14 @@ def test_triton_2d_every_launch_shape_and_split(name, monkeypatch):
     g = cpu.geometry
     x = torch.randn(11, *cpu.domain_shape, generator=gen)
     y = torch.randn(11, *cpu.range_shape, generator=gen)
-    ref_f, ref_b = cpu.A(x), cpu.A_adjoint(y)
+    cases = (("_FP2D_CONFIGS", lambda: _triton_ct.joseph2d_forward(g, x.cuda()), cpu.A(x)),
+             ("_BP2D_CONFIGS", lambda: _triton_ct.joseph2d_adjoint(g, y.cuda()), cpu.A_adjoint(y)))
     for split in (1, 3):
         monkeypatch.setattr(_triton_ct, "SPLIT", split)
-        outs_f, outs_b = [], []
-        for cfg in _triton_ct._FP2D_CONFIGS:
-            monkeypatch.setattr(_triton_ct, "_TUNED", {})
-            monkeypatch.setattr(_triton_ct, "_FP2D_CONFIGS", (cfg,))
-            fwd = _triton_ct.joseph2d_forward(g, x.cuda()).cpu()
-            assert _rel(fwd, ref_f) < 1e-5, (split, cfg)
-            outs_f.append(fwd)
-        for cfg in _triton_ct._BP2D_CONFIGS:
-            monkeypatch.setattr(_triton_ct, "_TUNED", {})
-            monkeypatch.setattr(_triton_ct, "_BP2D_CONFIGS", (cfg,))
-            adj = _triton_ct.joseph2d_adjoint(g, y.cuda()).cpu()
-            assert _rel(adj, ref_b) < 1e-5, (split, cfg)
-            outs_b.append(adj)
-        monkeypatch.undo()
-        assert max(_rel(o, outs_f[0]) for o in outs_f) < 1e-6, split
-        assert max(_rel(o, outs_b[0]) for o in outs_b) < 1e-6, split
+        for attr, fn, ref in cases:
+            outs = _each_launch_shape(monkeypatch, attr, fn)
+            assert max(_rel(o, ref) for o in outs) < 1e-5, (split, attr)
+            assert max(_rel(o, outs[0]) for o in outs) < 1e-6, (split, attr)
 
 
 @needs_triton_cuda
@@ -200,13 +200,11 @@ def test_triton_cone_every_launch_shape(monkeypatch):
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(3, *cpu.domain_shape, generator=gen)
     y = torch.randn(3, *cpu.range_shape, generator=gen)
-    ref_f, ref_b = cpu.A(x), cpu.A_adjoint(y)
-    for cfg in _triton_ct._CONE_CONFIGS:
-        monkeypatch.setattr(_triton_ct, "_TUNED", {})
-        monkeypatch.setattr(_triton_ct, "_CONE_CONFIGS", (cfg,))
-        assert _rel(_triton_ct.joseph3d_forward(cpu.geometry, x.cuda()).cpu(), ref_f) < 1e-5, cfg
-        assert _rel(_triton_ct.joseph3d_adjoint(cpu.geometry, y.cuda()).cpu(), ref_b) < 1e-5, cfg
-        monkeypatch.undo()
+    g = cpu.geometry
+    for fn, ref in ((lambda: _triton_ct.joseph3d_forward(g, x.cuda()), cpu.A(x)),
+                    (lambda: _triton_ct.joseph3d_adjoint(g, y.cuda()), cpu.A_adjoint(y))):
+        outs = _each_launch_shape(monkeypatch, "_CONE_CONFIGS", fn)
+        assert max(_rel(o, ref) for o in outs) < 1e-5
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
