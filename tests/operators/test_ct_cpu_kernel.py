@@ -23,49 +23,25 @@ def _ops():
     }
 
 
-@pytest.fixture(params=["one-chunk", "many-chunks"])
-def kernel_on(request, monkeypatch):
-    """Small matrices through the kernel; ``many-chunks`` splits the columns every 5."""
-    monkeypatch.delenv(_cpu_spmm.ENV_VAR, raising=False)
-    monkeypatch.setattr(_cpu_spmm, "MIN_NNZ", 0)
-    if request.param == "many-chunks":
-        monkeypatch.setattr(_cpu_spmm, "CHUNK_BYTES", 5 * 8 * 8)
-    clear_projector_cache()  # no chunk layout memoised under another setting
-    yield request.param
-    clear_projector_cache()
-
-
-def _dense_ref(op, t: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """The float64 dense system matrix applied to ``t (..., *in_shape)``."""
-    mat = op.matrices(torch.float64)[0].to_dense()
-    if transpose:
-        mat = mat.T
-    in_shape, out_shape = (op.range_shape, op.domain_shape) if transpose else (op.domain_shape,
-                                                                                op.range_shape)
-    batch = t.shape[: t.ndim - 2]
-    flat = t.to(torch.float64).reshape(-1, in_shape[0] * in_shape[1])
-    return (flat @ mat.T).reshape(*batch, *out_shape)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.double() - b) / torch.linalg.vector_norm(b))
 
 
 @pytest.mark.parametrize("name", ["parallel", "sparse-view", "fan"])
 @pytest.mark.parametrize("batch", [(), (3,), (8,), (13,), (2, 5)])
-def test_matches_dense_float64(kernel_on, name, batch):
+def test_matches_dense_float64(dense_ref, cpu_kernel, name, batch):
     op = _ops()[name]
     x = torch.randn(*batch, *op.domain_shape, dtype=torch.float64)
     y = torch.randn(*batch, *op.range_shape, dtype=torch.float64)
     mat32 = op.matrices(torch.float32)[0]
     assert _cpu_spmm.use_kernel(mat32, torch.zeros(mat32.shape[1], 8))
     for dtype, tol in ((torch.float32, 2e-6), (torch.float64, 1e-12)):
-        assert _rel(op.A(x.to(dtype)), _dense_ref(op, x, False)) < tol
-        assert _rel(op.A_adjoint(y.to(dtype)), _dense_ref(op, y, True)) < tol
+        assert _rel(op.A(x.to(dtype)), dense_ref(op, x, False)) < tol
+        assert _rel(op.A_adjoint(y.to(dtype)), dense_ref(op, y, True)) < tol
         assert op.A(x.to(dtype)).dtype == dtype
 
 
-def test_same_as_torch_product(kernel_on, monkeypatch):
+def test_same_as_torch_product(cpu_kernel, monkeypatch):
     """Kernel and torch's own product agree (float32, 8 lanes + a padded block)."""
     op = _ops()["fan"]
     y = torch.randn(11, *op.range_shape)
@@ -75,20 +51,20 @@ def test_same_as_torch_product(kernel_on, monkeypatch):
     assert _rel(ours, op.A_adjoint(y).double()) < 2e-6
 
 
-def test_non_contiguous_and_empty(kernel_on):
+def test_non_contiguous_and_empty(dense_ref, cpu_kernel):
     op = _ops()["parallel"]
     base = torch.randn(*op.domain_shape[::-1], 6, dtype=torch.float64)
     x = base.permute(2, 1, 0)  # (6, H, W), not contiguous
     assert not x.is_contiguous()
-    assert _rel(op.A(x), _dense_ref(op, x, False)) < 1e-12
+    assert _rel(op.A(x), dense_ref(op, x, False)) < 1e-12
     y = torch.randn(4, *op.range_shape, dtype=torch.float64)[::2]
-    assert _rel(op.A_adjoint(y), _dense_ref(op, y, True)) < 1e-12
+    assert _rel(op.A_adjoint(y), dense_ref(op, y, True)) < 1e-12
     empty = op.A_adjoint(torch.zeros(0, 3, *op.range_shape))
     assert empty.shape == (0, 3, *op.domain_shape)
 
 
 @pytest.mark.parametrize("name", ["parallel", "fan"])
-def test_adjoint_dot_product(kernel_on, name):
+def test_adjoint_dot_product(cpu_kernel, name):
     op = _ops()[name]
     x = torch.randn(5, *op.domain_shape, dtype=torch.float64)
     y = torch.randn(5, *op.range_shape, dtype=torch.float64)

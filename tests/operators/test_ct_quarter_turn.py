@@ -39,34 +39,16 @@ def _asymmetric():
     }
 
 
-@pytest.fixture(params=["one-chunk", "many-chunks"])
-def kernel_on(request, monkeypatch):
-    """Small matrices through the kernel; ``many-chunks`` splits the columns every few."""
-    monkeypatch.delenv(_cpu_spmm.ENV_VAR, raising=False)
-    monkeypatch.setattr(_cpu_spmm, "MIN_NNZ", 0)
+@pytest.fixture
+def kernel_on(cpu_kernel, monkeypatch):
+    """The CPU kernel (both chunk layouts) with the quarter-turn path on."""
     monkeypatch.setattr(ct, "QUARTER_TURN", True)
-    if request.param == "many-chunks":
-        monkeypatch.setattr(_cpu_spmm, "CHUNK_BYTES", 5 * 8 * 8)
-    clear_projector_cache()
-    yield request.param
-    clear_projector_cache()
+    return cpu_kernel
 
 
 def _quarter(op, dtype=torch.float32):
     mat = op.matrices(dtype)[0]
     return ct._quarter_turn(op.geometry, mat, torch.zeros(mat.shape[1], 8, dtype=dtype))
-
-
-def _dense_ref(op, t: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """The float64 dense system matrix (built by the plain path) applied to ``t``."""
-    mat = op.matrices(torch.float64)[0].to_dense()
-    if transpose:
-        mat = mat.T
-    in_shape, out_shape = (op.range_shape, op.domain_shape) if transpose else (op.domain_shape,
-                                                                                op.range_shape)
-    batch = t.shape[: t.ndim - 2]
-    flat = t.to(torch.float64).reshape(-1, in_shape[0] * in_shape[1])
-    return (flat @ mat.T).reshape(*batch, *out_shape)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,7 +57,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(_symmetric()))
 @pytest.mark.parametrize("batch", [(), (1,), (3,), (8,), (13,), (2, 5)])
-def test_matches_dense_float64(kernel_on, name, batch):
+def test_matches_dense_float64(dense_ref, kernel_on, name, batch):
     op = _symmetric()[name]
     assert _quarter(op) is not None and _quarter(op, torch.float64) is not None
     x = torch.randn(*batch, *op.domain_shape, dtype=torch.float64)
@@ -85,19 +67,19 @@ def test_matches_dense_float64(kernel_on, name, batch):
         assert ax.dtype == aty.dtype == dtype
         assert ax.shape == (*batch, *op.range_shape)
         assert aty.shape == (*batch, *op.domain_shape)
-        assert _rel(ax, _dense_ref(op, x, False)) < tol
-        assert _rel(aty, _dense_ref(op, y, True)) < tol
+        assert _rel(ax, dense_ref(op, x, False)) < tol
+        assert _rel(aty, dense_ref(op, y, True)) < tol
 
 
 @pytest.mark.parametrize("name", list(_asymmetric()))
-def test_fallback_where_no_symmetry(kernel_on, name):
+def test_fallback_where_no_symmetry(dense_ref, kernel_on, name):
     op = _asymmetric()[name]
     assert ct._quarter_pairs(op.geometry) is None
     assert _quarter(op) is None
     x = torch.randn(3, *op.domain_shape, dtype=torch.float64)
     y = torch.randn(3, *op.range_shape, dtype=torch.float64)
-    assert _rel(op.A(x), _dense_ref(op, x, False)) < 1e-12
-    assert _rel(op.A_adjoint(y), _dense_ref(op, y, True)) < 1e-12
+    assert _rel(op.A(x), dense_ref(op, x, False)) < 1e-12
+    assert _rel(op.A_adjoint(y), dense_ref(op, y, True)) < 1e-12
 
 
 def test_verification_rejects_a_broken_matrix(kernel_on):
@@ -128,15 +110,15 @@ def test_same_as_plain_path_and_off_switch(kernel_on, monkeypatch):
         assert _rel(a, c.double()) < 2e-6
 
 
-def test_non_contiguous_and_empty(kernel_on):
+def test_non_contiguous_and_empty(dense_ref, kernel_on):
     op = _symmetric()["parallel"]
     x = torch.randn(*op.domain_shape[::-1], 6, dtype=torch.float64).permute(2, 1, 0)
     assert not x.is_contiguous()
-    assert _rel(op.A(x), _dense_ref(op, x, False)) < 1e-12
+    assert _rel(op.A(x), dense_ref(op, x, False)) < 1e-12
     y = torch.randn(4, *op.range_shape, dtype=torch.float64)[::2]
-    assert _rel(op.A_adjoint(y), _dense_ref(op, y, True)) < 1e-12
+    assert _rel(op.A_adjoint(y), dense_ref(op, y, True)) < 1e-12
     yt = torch.randn(*op.range_shape, 3, dtype=torch.float32).permute(2, 0, 1)
-    assert _rel(op.A_adjoint(yt), _dense_ref(op, yt, True)) < 2e-6
+    assert _rel(op.A_adjoint(yt), dense_ref(op, yt, True)) < 2e-6
     assert op.A_adjoint(torch.zeros(0, 3, *op.range_shape)).shape == (0, 3, *op.domain_shape)
     assert op.A(torch.zeros(0, *op.domain_shape)).shape == (0, *op.range_shape)
 
