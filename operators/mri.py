@@ -19,12 +19,21 @@ For even ``H`` and ``W`` the shifts are folded into checkerboard modulations, wh
 ``s = (-1)^(H/2 + W/2)``. The image-side ``c`` multiplies the (small) image, the k-space side
 ``s * c`` is folded into the mask, so no shifted copy of the coil data is ever made. Odd sizes
 take the plain shift path.
+
+Masks that sample whole columns (fastMRI's 1D masks) may take a *split* path: the FFT along
+``W`` over all the coil data, then the FFT along ``H`` over the sampled columns only, the
+rest of k-space is left zero (and ``A^H`` mirrors it). It saves the ``H``-FFT and the mask
+pass on the unsampled columns, which pays on CUDA; on the CPU the gather/scatter costs more
+than it saves, so ``FEDRECON_MRI_SPLIT`` = ``auto`` (default: CUDA only), ``on`` (any device)
+or ``off`` chooses, and :data:`SPLIT_MAX_FRACTION` bounds the sampled fraction of columns.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -43,9 +52,15 @@ from ._checks import (
 from .base import LinearOperator
 from .registry import register_operator
 
-__all__ = ["MultiCoilMRI", "SingleCoilMRI", "fft2c", "ifft2c", "rss"]
+__all__ = ["SPLIT_ENV_VAR", "SPLIT_MAX_FRACTION", "MultiCoilMRI", "SingleCoilMRI", "fft2c",
+           "ifft2c", "rss", "split_mode"]
 
 _DIMS = (-2, -1)
+
+SPLIT_ENV_VAR = "FEDRECON_MRI_SPLIT"  # auto (CUDA only) / on (any device) / off
+# the split path only while at most this fraction of the columns is sampled: beyond it the
+# saved H-FFT work no longer pays for the gather and scatter
+SPLIT_MAX_FRACTION = 0.5
 
 
 def fft2c(x: Tensor) -> Tensor:
@@ -106,6 +121,34 @@ def _checkerboard(h: int, w: int, sign: float, dtype: torch.dtype, device: torch
     i = torch.arange(h, device=device).view(h, 1)
     j = torch.arange(w, device=device).view(1, w)
     return (1 - 2 * ((i + j) % 2)).to(dtype) * sign
+
+
+def split_mode() -> str:
+    """``FEDRECON_MRI_SPLIT`` as ``"auto"``, ``"on"`` or ``"off"`` (read at every call)."""
+    env = os.environ.get(SPLIT_ENV_VAR, "").strip().lower()
+    if env in ("on", "1", "true", "yes"):
+        return "on"
+    if env in ("off", "0", "false", "no", "none"):
+        return "off"
+    return "auto"
+
+
+def _split_enabled(device: torch.device) -> bool:
+    """Whether the switch allows the split path on ``device`` (``auto``: CUDA only)."""
+    mode = split_mode()
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def _column_support(mask: Tensor, w: int, device: torch.device | None = None) -> Tensor | None:
+    """The sorted indices (on ``device``) of the columns ``mask (..., h, w)`` samples (non-zero
+    for some leading index), or None when the mask is not column-structured (``w != W``, or
+    its rows differ along ``H``)."""
+    if mask.shape[-1] != w:
+        return None
+    if mask.shape[-2] > 1 and not bool((mask == mask[..., :1, :]).all()):
+        return None
+    cols = (mask[..., 0, :] != 0).reshape(-1, w).any(dim=0).nonzero().flatten()
+    return cols if device is None else cols.to(device)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -223,19 +266,18 @@ class _CartesianMRI(LinearOperator):
         self._fast = h % 2 == 0 and w % 2 == 0
         self._sign = float((-1) ** ((h // 2 + w // 2) % 2))
 
-    def _memo(self, key: tuple, build: Callable[[], Tensor]) -> Tensor:
+    def _memo(self, key: tuple, build: Callable[[], Any]) -> Any:
         """``build()`` cached per operator under ``key`` and the mask's identity and version
         (rebuilt after an in-place change; never cached while the mask is learned)."""
         if self.mask.requires_grad:
             return build()
         cache = self.__dict__.setdefault("_memo_cache", {})
         full = (*key, self.mask.data_ptr(), self.mask._version)
-        out = cache.get(full)
-        if out is None:
-            if len(cache) >= 8:
+        if full not in cache:  # (a cached None is a result too)
+            if len(cache) >= 16:  # the split path keeps ~6 entries per dtype and device
                 cache.clear()
-            out = cache[full] = build()
-        return out
+            cache[full] = build()
+        return cache[full]
 
     def _kmask(self, dtype: torch.dtype, device: torch.device, square: bool = False) -> Tensor:
         """The mask to apply in the *unshifted* FFT frame on the fast path, as ``dtype``.
@@ -276,6 +318,56 @@ class _CartesianMRI(LinearOperator):
 
     def _adj_fft(self, z: Tensor) -> Tensor:
         return torch.fft.ifft2(z, dim=_DIMS, norm="ortho") if self._fast else ifft2c(z)
+
+    def kspace_path(self, device: torch.device | str | None = None) -> str:
+        """``"split"`` or ``"full"``: the path ``A``, ``A^H`` and ``A^H A`` take on ``device``
+        (default: the mask's) under the current ``FEDRECON_MRI_SPLIT``."""
+        device = self.mask.device if device is None else torch.device(device)
+        return "full" if self._split_columns(device) is None else "split"
+
+    def _split_columns(self, device: torch.device) -> Tensor | None:
+        """The sampled column indices on ``device`` when the split path is taken, else None.
+
+        Not for a learned mask (its support may change every step), nor beyond
+        ``SPLIT_MAX_FRACTION``; detection is cached until the mask changes.
+        """
+        if self.mask.requires_grad or not _split_enabled(device):
+            return None
+        w = self.domain_shape[1]
+        cols = self._memo(("cols", str(device)), lambda: _column_support(self.mask, w, device))
+        if cols is None or not 0 < cols.numel() <= SPLIT_MAX_FRACTION * w:
+            return None
+        return cols
+
+    def _fft1(self, z: Tensor, dim: int, inverse: bool) -> Tensor:
+        """Orthonormal 1D (i)FFT along ``dim``: plain on the fast path (the checkerboards
+        fold the shifts), centered otherwise."""
+        fn = torch.fft.ifft if inverse else torch.fft.fft
+        if self._fast:
+            return fn(z, dim=dim, norm="ortho")
+        return torch.fft.fftshift(fn(torch.fft.ifftshift(z, dim), dim=dim, norm="ortho"), dim)
+
+    def _split(self, z: Tensor, cols: Tensor, forward: bool, adjoint: bool) -> Tensor:
+        """The k-space part of ``A`` (``forward``), ``A^H`` (``adjoint``) or ``A^H A`` (both)
+        on the sampled columns ``cols`` only.
+
+        ``forward``: FFT along W, gather ``cols``, FFT along H; else gather ``cols`` of the
+        k-space ``z``. Then the gathered mask (``M^2`` for both), and for ``adjoint`` the
+        inverse FFT along H, scatter into zeros, inverse FFT along W; else scatter into zeros
+        (the full-size k-space ``A`` returns).
+        """
+        if forward:
+            z = self._fft1(self._fft1(z, -1, False).index_select(-1, cols), -2, False)
+        else:
+            z = z.index_select(-1, cols)
+        square = forward and adjoint
+        m = self._memo(("split_mask", z.dtype, str(z.device), square),
+                       lambda: self._kmask(z.dtype, z.device, square).index_select(-1, cols))
+        z = self._apply_mask(z, m)
+        if adjoint:
+            z = self._fft1(z, -2, True)
+        full = z.new_zeros((*z.shape[:-1], self.domain_shape[1])).index_copy_(-1, cols, z)
+        return self._fft1(full, -1, True) if adjoint else full
 
     def _prepare_image(self, x: Tensor) -> Tensor:
         """Validate ``x``, promote to complex and apply the image-side checkerboard."""
@@ -346,7 +438,11 @@ class MultiCoilMRI(_CartesianMRI):
     def A(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., C, H, W)``: ``M * fft2c(S * x)``."""
         x = self._prepare_image(x)
-        maps, m = self._maps(x.dtype, x.device), self._kmask(x.dtype, x.device)
+        maps = self._maps(x.dtype, x.device)
+        cols = self._split_columns(x.device)
+        if cols is not None:
+            return self._split(maps * x.unsqueeze(-3), cols, forward=True, adjoint=False)
+        m = self._kmask(x.dtype, x.device)
         if self._fast and _no_graph(x, maps, m):
             # one coil-sized allocation (the result): the coil product goes to a reused
             # scratch buffer, the FFT writes the fresh result (torch's FFT is fastest with a
@@ -364,7 +460,12 @@ class MultiCoilMRI(_CartesianMRI):
         owner = type(self).__name__
         check_trailing_shape("y", y, self.range_shape, owner)
         y = y.to(_compute_dtype(y))
-        maps, m = self._maps(y.dtype, y.device), self._kmask(y.dtype, y.device)
+        maps = self._maps(y.dtype, y.device)
+        cols = self._split_columns(y.device)
+        if cols is not None:
+            z = self._split(y, cols, forward=False, adjoint=True)
+            return self._finish_image(_coil_combine(maps, z))
+        m = self._kmask(y.dtype, y.device)
         if self._fast and _no_graph(y, maps, m) and torch.broadcast_shapes(y.shape, m.shape) == y.shape:
             buf = torch.mul(y, m, out=_scratch(y.shape, y.dtype))  # no coil-sized allocation at all
             z = _fft2_inplace(buf, inverse=True)
@@ -376,6 +477,10 @@ class MultiCoilMRI(_CartesianMRI):
         """``(..., H, W) -> (..., H, W)``: ``S^H F^H M^2 F S x`` in one pass over the coils."""
         x = self._prepare_image(x)
         maps = self._maps(x.dtype, x.device)
+        cols = self._split_columns(x.device)
+        if cols is not None:
+            z = self._split(maps * x.unsqueeze(-3), cols, forward=True, adjoint=True)
+            return self._finish_image(_coil_combine(maps, z))
         # the k-space checkerboard squares to one, so only M^2 is applied here
         m2 = self._kmask(x.dtype, x.device, square=True)
         if self._fast and _no_graph(x, maps, m2):
@@ -441,12 +546,18 @@ class SingleCoilMRI(_CartesianMRI):
     def A(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``M * fft2c(x)``."""
         x = self._prepare_image(x)
+        cols = self._split_columns(x.device)
+        if cols is not None:
+            return self._split(x, cols, forward=True, adjoint=False)
         return self._apply_mask(self._fwd_fft(x), self._kmask(x.dtype, x.device))
 
     def A_adjoint(self, y: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``ifft2c(M * y)``."""
         check_trailing_shape("y", y, self.range_shape, type(self).__name__)
         y = y.to(_compute_dtype(y))
+        cols = self._split_columns(y.device)
+        if cols is not None:
+            return self._finish_image(self._split(y, cols, forward=False, adjoint=True))
         return self._finish_image(self._adj_fft(y * self._kmask(y.dtype, y.device)))
 
     def _compute_norm_bound(self) -> float:
@@ -456,6 +567,9 @@ class SingleCoilMRI(_CartesianMRI):
     def A_normal(self, x: Tensor) -> Tensor:
         """``ifft2c(M^2 * fft2c(x))``."""
         x = self._prepare_image(x)
+        cols = self._split_columns(x.device)
+        if cols is not None:
+            return self._finish_image(self._split(x, cols, forward=True, adjoint=True))
         z = self._adj_fft(self._fwd_fft(x) * self._kmask(x.dtype, x.device, square=True))
         return self._finish_image(z)
 

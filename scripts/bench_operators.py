@@ -4,7 +4,8 @@
 
 Prints a markdown table of median wall times and the speed-up ratios. Cases (issues #2, #9):
 parallel and fan beam, batch 8, 256x256, 180 views; multi-coil SENSE, batch 4, 15 coils,
-320x320. Geometry matrices are built once (the build time is reported separately) and
+320x320 (also with the split-FFT path of column masks forced on and off,
+``FEDRECON_MRI_SPLIT``). Geometry matrices are built once (the build time is reported separately) and
 reused, as in training. ASTRA (``pip install astra-toolbox``, GPL, benchmark-only) is used
 when installed: its 2D CPU projectors, one image at a time, plus the relative difference of
 our sinograms/backprojections to ASTRA's. ``--matrix-cache`` also times building vs loading
@@ -16,6 +17,7 @@ the system matrices from the on-disk cache, each in a fresh process (peak memory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,7 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +37,19 @@ import torch
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
+def _once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def timeit(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_once(fn, device) for _ in range(repeats))
 
 
 def fmt_ms(t: float | None) -> str:
@@ -196,6 +199,7 @@ def bench_ct(args: argparse.Namespace, device: torch.device, rows: list,
 
 def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> None:
     from fedrecon.operators import MultiCoilMRI, RandomMask, birdcage_maps
+    from fedrecon.operators.mri import SPLIT_ENV_VAR
 
     batch, coils, n = 4, 15, 320
     gen = torch.Generator().manual_seed(0)
@@ -227,12 +231,48 @@ def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> Non
     # the floor: one bare FFT pass over the same coil data (allocating its output, as A does)
     fft_f = timeit(lambda: torch.fft.fft2(y, norm="ortho"), args.repeats, device)
     fft_b = timeit(lambda: torch.fft.ifft2(y, norm="ortho"), args.repeats, device)
+    # the split-FFT path (column mask: H-FFT on the sampled columns only) forced on and off,
+    # the two interleaved call by call so that a varying machine load hits both alike
+    split: dict = {"on": [], "off": []}
+    for fn in (lambda: op(xd), lambda: op.A_adjoint(y), lambda: op.A_normal(xd)):
+        times: dict = {"on": [], "off": []}
+        for i in range(args.repeats + 1):  # the first call of each is a warm-up
+            for mode in times:
+                with _env(SPLIT_ENV_VAR, mode):
+                    t = _once(fn, device)
+                times[mode] += [t] if i else []
+        for mode, ts in times.items():
+            split[mode].append(statistics.median(ts))
+    print(f"# SENSE mask: {mask.shape[-1]} columns, {int((mask != 0).sum())} sampled; default "
+          f"path on {device}: {op.kspace_path(device)}")
     rows.append((f"SENSE A (B={batch}, {coils} coils, {n}^2)", fwd, "sigpy Sense", sp_fwd))
     rows.append(("SENSE A", fwd, "bare fft2 of (B, C, H, W)", fft_f))
     rows.append(("SENSE A^H", adj, "sigpy Sense.H", sp_adj))
     rows.append(("SENSE A^H", adj, "bare ifft2 of (B, C, H, W)", fft_b))
     rows.append(("SENSE A^H A", nrm, "sigpy Sense.N", sp_nrm))
     rows.append(("SENSE A^H A", nrm, "bare fft2 + ifft2", fft_f + fft_b))
+    rows.append(("SENSE A + A^H", fwd + adj, "bare fft2 + ifft2", fft_f + fft_b))
+    for i, name in enumerate(("A", "A^H", "A^H A")):
+        rows.append((f"SENSE {name}, split path on", split["on"][i], "split path off",
+                     split["off"][i]))
+    on, off = split["on"][0] + split["on"][1], split["off"][0] + split["off"][1]
+    rows.append(("SENSE A + A^H, split path on", on, "split path off", off))
+    rows.append(("SENSE A + A^H, split path on", on, "bare fft2 + ifft2", fft_f + fft_b))
+    rows.append(("SENSE A + A^H, split path off", off, "bare fft2 + ifft2", fft_f + fft_b))
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the duration of the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _rss_mib() -> float:
