@@ -28,7 +28,8 @@ Multiply-adds may be fused (numba ``fastmath={"contract"}``: FMA, no reassociati
 lane and output buffers are kept per thread between calls (``workspace``): fresh ones cost
 ~2000 page faults per product, inside the kernel.
 
-Costs: the chunked copy doubles the memory of each CPU matrix it is used with; the first
+Costs: the chunked copy adds 3/4 of the memory of each float32 CPU matrix it is used with
+(5/6 for float64: the columns are stored as uint16 offsets within their chunk); the first
 use in a process compiles the kernels (~1-2 s per dtype) unless numba's disk cache (next to
 this file, or numba's user cache folder) holds them; the copy takes ~0.5-1 s per matrix.
 Used by ``ct._SparseApply`` for CPU float32/float64 products of matrices with at least
@@ -64,7 +65,9 @@ def _spmm_source(lanes: int) -> str:
     ``r0 <= r < r1``, one column chunk after the other.
 
     ``crow`` has ``n_chunks * n_rows + 1`` offsets, row ``r`` of chunk ``c`` being CSR row
-    ``c * n_rows + r``; ``x`` and ``out`` are flat row-major ``(n, L)`` arrays. Written out
+    ``c * n_rows + r``; ``col`` holds each entry's column less its chunk's first column
+    ``c * width`` (uint16: 6 instead of 8 bytes per entry, ~7% faster); ``x`` and ``out`` are
+    flat row-major ``(n, L)`` arrays. Written out
     lane by lane with two interleaved accumulators (entries ``p`` and ``p + 1``) because
     LLVM's SLP vectoriser packs such scalar locals into vectors (loops over the lanes ran
     1.7-3x slower). Unsigned indices spare numba's negative-index checks, which would stop
@@ -79,25 +82,26 @@ def _spmm_source(lanes: int) -> str:
         return " = ".join(f"{name}{k}" for k in ln) + " = zero"
 
     body = [
-        f"def _spmm{lanes}(crow, col, val, x, out, n_rows, r0, r1):",
+        f"def _spmm{lanes}(crow, col, val, x, out, n_rows, width, r0, r1):",
         f"    u1, uL = np.uint64(1), np.uint64({lanes})",
         "    zero = out.dtype.type(0)",
         "    for c in range((crow.shape[0] - 1) // n_rows):",
         "        base = np.uint64(c * n_rows)",
+        "        first = np.uint64(c * width)",
         "        for r in range(r0, r1):",
         "            p = np.uint64(crow[base + np.uint64(r)])",
         "            e = np.uint64(crow[base + np.uint64(r) + u1])",
         f"            {zero('a')}",
         f"            {zero('b')}",
         "            while p + u1 < e:",
-        "                i = np.uint64(col[p]) * uL",
+        "                i = (np.uint64(col[p]) + first) * uL",
         "                v = val[p]",
-        "                j = np.uint64(col[p + u1]) * uL",
+        "                j = (np.uint64(col[p + u1]) + first) * uL",
         "                w = val[p + u1]",
         *("                " + line for line in acc("a", "v", "i") + acc("b", "w", "j")),
         "                p += np.uint64(2)",
         "            if p < e:",
-        "                i = np.uint64(col[p]) * uL",
+        "                i = (np.uint64(col[p]) + first) * uL",
         "                v = val[p]",
         *("                " + line for line in acc("a", "v", "i")),
         "            o = np.uint64(r) * uL",
@@ -117,7 +121,8 @@ def _make_kernel(lanes: int):
 def _split_chunks(crow, col, val, width, crow_c, col_c, val_c):  # pragma: no cover - numba
     """Counting sort of the entries by ``(column chunk, row)``: stable, so each row of each
     chunk keeps its columns sorted; an entry's chunk is found by walking its row's sorted
-    columns (no division). ``crow_c`` must come zeroed."""
+    columns (no division). ``col_c`` gets each column less its chunk's first one (``< width``,
+    so it fits the uint16 ``col_c``). ``crow_c`` must come zeroed."""
     n_rows = crow.shape[0] - 1
     for r in range(n_rows):
         c, end = 0, width
@@ -136,10 +141,9 @@ def _split_chunks(crow, col, val, width, crow_c, col_c, val_c):  # pragma: no co
                 c += 1
                 end += width
                 q = crow_c[c * n_rows + r]
-            col_c[q] = col[p]
+            col_c[q] = col[p] - (end - width)
             val_c[q] = val[p]
             q += 1
-
 
 
 def _pack16(x, rows_a, rows_b, b0, width, lanes, r0, r1):  # pragma: no cover - numba
@@ -244,11 +248,12 @@ def available() -> bool:
     return _numba() is not None
 
 
-def chunked(mat: Tensor, lanes: int = LANES) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``mat`` (sparse CSR, CPU) as column chunks of ``CHUNK_BYTES // (lanes * itemsize)``
-    columns, memoised on the tensor per lane count: ``(crow, col, val, n_rows)``, ``crow``
-    holding ``n_chunks * n_rows + 1`` offsets, columns still global. A copy of the matrix:
-    reading the chunks in place, row by row, was 2-3x slower (a TLB miss per row and chunk)."""
+def chunked(mat: Tensor, lanes: int = LANES) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """``mat`` (sparse CSR, CPU) as column chunks of ``width = CHUNK_BYTES // (lanes *
+    itemsize)`` columns, memoised on the tensor per lane count: ``(crow, col, val, n_rows,
+    width)``, ``crow`` holding ``n_chunks * n_rows + 1`` offsets, ``col`` (uint16) each
+    column less its chunk's first. A copy of the matrix: reading the chunks in place, row by
+    row, was 2-3x slower (a TLB miss per row and chunk)."""
     memo = getattr(mat, "_fedrecon_chunks", None)
     if memo is None:
         memo = mat._fedrecon_chunks = {}
@@ -258,16 +263,12 @@ def chunked(mat: Tensor, lanes: int = LANES) -> tuple[np.ndarray, np.ndarray, np
         col = mat.col_indices().numpy()
         val = mat.values().numpy()
         n_rows, n_cols = mat.shape
-        width = max(1, CHUNK_BYTES // (lanes * val.itemsize))
+        width = max(1, min(CHUNK_BYTES // (lanes * val.itemsize), 1 << 16))
         n_chunks = max(1, -(-n_cols // width))
-        if n_chunks == 1:
-            parts = (crow, col, val, n_rows)
-        else:
-            crow_c = np.zeros(n_chunks * n_rows + 1, dtype=crow.dtype)
-            col_c, val_c = np.empty_like(col), np.empty_like(val)
-            _jit("split", _split_chunks)(crow, col, val, width, crow_c, col_c, val_c)
-            parts = (crow_c, col_c, val_c, n_rows)
-        memo[lanes] = parts
+        crow_c = np.zeros(n_chunks * n_rows + 1, dtype=crow.dtype)
+        col_c, val_c = np.empty(col.shape, dtype=np.uint16), np.empty_like(val)
+        _jit("split", _split_chunks)(crow, col, val, width, crow_c, col_c, val_c)
+        parts = memo[lanes] = (crow_c, col_c, val_c, n_rows, width)
     return parts
 
 
@@ -358,14 +359,14 @@ def product(mat: Tensor, lanes: np.ndarray, out: np.ndarray | None = None) -> np
     C-contiguous array of ``mat``'s dtype with ``L`` = 8 or 16 lanes: ``(blocks, M, L)``,
     written to ``out`` (C-contiguous, overwritten) when given."""
     n_lanes = lanes.shape[-1]
-    crow, col, val, n_rows = chunked(mat, n_lanes)
+    crow, col, val, n_rows, width = chunked(mat, n_lanes)
     if out is None:
         out = np.zeros((lanes.shape[0], n_rows, n_lanes), dtype=lanes.dtype)
     else:
         out.fill(0)
     bounds = _row_split(mat)
     for k in range(lanes.shape[0]):
-        args = (crow, col, val, lanes[k].reshape(-1), out[k].reshape(-1), n_rows)
+        args = (crow, col, val, lanes[k].reshape(-1), out[k].reshape(-1), n_rows, width)
         _run_split(_compiled((*args, 0, 0), n_lanes), args, bounds)
     return out
 

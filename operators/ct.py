@@ -298,9 +298,10 @@ class _QuarterTurn:
     ``A^T`` both use ``M1``, so they stay exact transposes of each other, and equal the full
     matrix's products to ``_QUARTER_RTOL`` (measured 5e-15 to 2e-14 relative in float64).
 
-    Memory: ``M1`` and ``M1^T`` as CSR plus their 16-lane chunked copies, 4 x half the
-    matrix (float32, parallel 256^2 x 180 views: ~340 MiB), in place of the plain path's
-    chunked copies of ``A`` and ``A^T`` (~325 MiB), which are then not made. The first use
+    Memory: ``M1`` and ``M1^T`` as CSR plus their 16-lane chunked copies (uint16 columns),
+    3.5 x half the matrix (float32, parallel 256^2 x 180 views: 161 + 124 = ~285 MiB), in
+    place of the plain path's chunked copies of ``A`` and ``A^T`` (~245 MiB), which are then
+    not made. The first use
     (``build``, scipy) takes ~2 s (parallel) to ~4 s (fan) for these sizes, transiently
     ~2-3x the matrix's memory.
     """

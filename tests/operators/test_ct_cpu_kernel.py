@@ -93,3 +93,25 @@ def test_small_matrices_stay_on_torch():
     mat = op.matrices(torch.float32)[0]
     assert mat._nnz() < _cpu_spmm.MIN_NNZ
     assert not _cpu_spmm.use_kernel(mat, torch.zeros(mat.shape[1], 8))
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 30])
+def test_wide_matrix_chunk_offsets(monkeypatch, chunk_bytes):
+    """Columns are stored as uint16 offsets within their chunk: a matrix wider than 2^16
+    columns, in tiny chunks and in chunks clamped to 2^16 columns, against torch's product."""
+    monkeypatch.setattr(_cpu_spmm, "MIN_NNZ", 0)
+    monkeypatch.delenv(_cpu_spmm.ENV_VAR, raising=False)
+    monkeypatch.setattr(_cpu_spmm, "CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(3)
+    n_rows, n_cols, nnz = 40, 200_003, 3000
+    idx = torch.stack([torch.randint(0, n_rows, (nnz,), generator=gen),
+                       torch.randint(0, n_cols, (nnz,), generator=gen)])
+    idx[:, 0] = torch.tensor([0, n_cols - 1])  # the last column is used
+    coo = torch.sparse_coo_tensor(idx, torch.randn(nnz, dtype=torch.float64, generator=gen),
+                                  (n_rows, n_cols)).coalesce()
+    mat = coo.to_sparse_csr()
+    x = torch.randn(n_cols, 5, dtype=torch.float64, generator=gen)
+    assert _cpu_spmm.use_kernel(mat, x)
+    got = _cpu_spmm.matmul(mat, x)
+    assert _rel(got, coo.to_dense() @ x) < 1e-12
+    assert _cpu_spmm.chunked(mat)[4] <= 1 << 16
