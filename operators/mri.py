@@ -20,12 +20,19 @@ For even ``H`` and ``W`` the shifts are folded into checkerboard modulations, wh
 ``s * c`` is folded into the mask, so no shifted copy of the coil data is ever made. Odd sizes
 take the plain shift path.
 
-Masks that sample whole columns (fastMRI's 1D masks) may take a *split* path: the FFT along
-``W`` over all the coil data, then the FFT along ``H`` over the sampled columns only, the
-rest of k-space is left zero (and ``A^H`` mirrors it). It saves the ``H``-FFT and the mask
-pass on the unsampled columns, which pays on CUDA; on the CPU the gather/scatter costs more
-than it saves, so ``FEDRECON_MRI_SPLIT`` = ``auto`` (default: CUDA only), ``on`` (any device)
-or ``off`` chooses, and :data:`SPLIT_MAX_FRACTION` bounds the sampled fraction of columns.
+On CUDA (complex64) the coil product and the coil combine are single fused passes with the
+image-side checkerboard inside (``_triton_mri``), and the FFTs run unnormalised with their
+orthonormal scale folded into the mask: what is left besides the FFT is one pass each for
+the coil product, the mask and the combine (measured on an H200: A + A^H 1.29x the GPU time
+of a bare orthonormal fft2 + ifft2 of the coil data; docs/benchmarks.md).
+
+Masks that sample whole columns (fastMRI's 1D masks) may take a *split* path, opt-in with
+``FEDRECON_MRI_SPLIT=on``: the FFT along ``W`` over all the coil data, then the FFT along
+``H`` over the sampled columns only, the rest of k-space left zero (``A^H`` mirrors it). It
+saves 3/4 of the ``H``-FFT at 4x acceleration but was measured slower than the full path on
+both machines tried (the gather and the zero-filled scatter cost more: H200 A 0.25 vs 0.13
+ms, 2-core CPU 84 vs 53 ms), so it is off by default. :data:`SPLIT_MAX_FRACTION` bounds the
+sampled fraction of columns it takes.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import scipy.fft
 import torch
 from torch import Tensor
 
+from . import _triton_mri
 from ._checks import (
     as_image_size,
     check_complex,
@@ -57,7 +65,7 @@ __all__ = ["SPLIT_ENV_VAR", "SPLIT_MAX_FRACTION", "MultiCoilMRI", "SingleCoilMRI
 
 _DIMS = (-2, -1)
 
-SPLIT_ENV_VAR = "FEDRECON_MRI_SPLIT"  # auto (CUDA only) / on (any device) / off
+SPLIT_ENV_VAR = "FEDRECON_MRI_SPLIT"  # on / off (default)
 # the split path only while at most this fraction of the columns is sampled: beyond it the
 # saved H-FFT work no longer pays for the gather and scatter
 SPLIT_MAX_FRACTION = 0.5
@@ -124,19 +132,9 @@ def _checkerboard(h: int, w: int, sign: float, dtype: torch.dtype, device: torch
 
 
 def split_mode() -> str:
-    """``FEDRECON_MRI_SPLIT`` as ``"auto"``, ``"on"`` or ``"off"`` (read at every call)."""
+    """``FEDRECON_MRI_SPLIT`` as ``"on"`` or ``"off"`` (the default; read at every call)."""
     env = os.environ.get(SPLIT_ENV_VAR, "").strip().lower()
-    if env in ("on", "1", "true", "yes"):
-        return "on"
-    if env in ("off", "0", "false", "no", "none"):
-        return "off"
-    return "auto"
-
-
-def _split_enabled(device: torch.device) -> bool:
-    """Whether the switch allows the split path on ``device`` (``auto``: CUDA only)."""
-    mode = split_mode()
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    return "on" if env in ("on", "1", "true", "yes") else "off"
 
 
 def _column_support(mask: Tensor, w: int, device: torch.device | None = None) -> Tensor | None:
@@ -279,24 +277,36 @@ class _CartesianMRI(LinearOperator):
             cache[full] = build()
         return cache[full]
 
-    def _kmask(self, dtype: torch.dtype, device: torch.device, square: bool = False) -> Tensor:
+    def _kmask(self, dtype: torch.dtype, device: torch.device, square: bool = False,
+               fold: bool = False) -> Tensor:
         """The mask to apply in the *unshifted* FFT frame on the fast path, as ``dtype``.
 
-        ``square`` gives ``M^2`` (the checkerboard squares to one). Complex so the products
-        with k-space take torch's fast complex-complex path. Cached per dtype and device.
+        ``square`` gives ``M^2`` (the checkerboard squares to one); ``fold`` includes the
+        orthonormal FFT's scale (``1/sqrt(HW)`` per transform, see ``_fold``). Complex so the
+        products with k-space take torch's fast complex-complex path. Cached per dtype and
+        device.
         """
-        return self._memo(("kmask", dtype, str(device), square),
-                          lambda: self._build_kmask(dtype, device, square))
+        return self._memo(("kmask", dtype, str(device), square, fold),
+                          lambda: self._build_kmask(dtype, device, square, fold))
 
-    def _build_kmask(self, dtype: torch.dtype, device: torch.device, square: bool) -> Tensor:
+    def _build_kmask(self, dtype: torch.dtype, device: torch.device, square: bool,
+                     fold: bool) -> Tensor:
         rdtype = torch.empty((), dtype=dtype).real.dtype
         m = self.mask.to(device=device, dtype=rdtype)
+        h, w = self.domain_shape
         if square:
             m = m * m
         elif self._fast:
-            h, w = self.domain_shape
             m = m * _checkerboard(h, w, self._sign, rdtype, device)
+        if fold:
+            m = m * (1.0 / (h * w) if square else (h * w) ** -0.5)
         return m.to(dtype)
+
+    def _fold(self, t: Tensor) -> bool:
+        """Whether the FFTs run unnormalised, their orthonormal scale folded into the mask
+        (``_kmask(fold=True)``): on CUDA's fast path, where torch scales an orthonormal FFT's
+        output in a pass of its own (24 us of a 98 us fft2 of 4 x 15 x 320^2 on an H200)."""
+        return self._fast and t.is_cuda
 
     def _apply_mask(self, k: Tensor, m: Tensor) -> Tensor:
         """``k * m`` for a fresh FFT output ``k``, in place where that is safe (it saves an
@@ -312,12 +322,17 @@ class _CartesianMRI(LinearOperator):
         return self._memo(("icheck", rdtype, str(device)),
                           lambda: _checkerboard(h, w, 1.0, rdtype, device))
 
-    def _fwd_fft(self, z: Tensor) -> Tensor:
-        """``F`` (centered) on the slow path, ``fft2`` (shifts folded elsewhere) on the fast."""
-        return torch.fft.fft2(z, dim=_DIMS, norm="ortho") if self._fast else fft2c(z)
+    def _fwd_fft(self, z: Tensor, fold: bool = False) -> Tensor:
+        """``F`` (centered) on the slow path, ``fft2`` (shifts folded elsewhere) on the fast;
+        unnormalised with ``fold``."""
+        if not self._fast:
+            return fft2c(z)
+        return torch.fft.fft2(z, dim=_DIMS, norm="backward" if fold else "ortho")
 
-    def _adj_fft(self, z: Tensor) -> Tensor:
-        return torch.fft.ifft2(z, dim=_DIMS, norm="ortho") if self._fast else ifft2c(z)
+    def _adj_fft(self, z: Tensor, fold: bool = False) -> Tensor:
+        if not self._fast:
+            return ifft2c(z)
+        return torch.fft.ifft2(z, dim=_DIMS, norm="forward" if fold else "ortho")
 
     def kspace_path(self, device: torch.device | str | None = None) -> str:
         """``"split"`` or ``"full"``: the path ``A``, ``A^H`` and ``A^H A`` take on ``device``
@@ -331,7 +346,7 @@ class _CartesianMRI(LinearOperator):
         Not for a learned mask (its support may change every step), nor beyond
         ``SPLIT_MAX_FRACTION``; detection is cached until the mask changes.
         """
-        if self.mask.requires_grad or not _split_enabled(device):
+        if self.mask.requires_grad or split_mode() != "on":
             return None
         w = self.domain_shape[1]
         cols = self._memo(("cols", str(device)), lambda: _column_support(self.mask, w, device))
@@ -339,12 +354,13 @@ class _CartesianMRI(LinearOperator):
             return None
         return cols
 
-    def _fft1(self, z: Tensor, dim: int, inverse: bool) -> Tensor:
-        """Orthonormal 1D (i)FFT along ``dim``: plain on the fast path (the checkerboards
-        fold the shifts), centered otherwise."""
+    def _fft1(self, z: Tensor, dim: int, inverse: bool, fold: bool = False) -> Tensor:
+        """Orthonormal 1D (i)FFT along ``dim`` (unnormalised with ``fold``): plain on the
+        fast path (the checkerboards fold the shifts), centered otherwise."""
         fn = torch.fft.ifft if inverse else torch.fft.fft
         if self._fast:
-            return fn(z, dim=dim, norm="ortho")
+            norm = ("forward" if inverse else "backward") if fold else "ortho"
+            return fn(z, dim=dim, norm=norm)
         return torch.fft.fftshift(fn(torch.fft.ifftshift(z, dim), dim=dim, norm="ortho"), dim)
 
     def _split(self, z: Tensor, cols: Tensor, forward: bool, adjoint: bool) -> Tensor:
@@ -356,24 +372,34 @@ class _CartesianMRI(LinearOperator):
         inverse FFT along H, scatter into zeros, inverse FFT along W; else scatter into zeros
         (the full-size k-space ``A`` returns).
         """
+        fold = self._fold(z)
         if forward:
-            z = self._fft1(self._fft1(z, -1, False).index_select(-1, cols), -2, False)
+            z = self._fft1(self._fft1(z, -1, False, fold).index_select(-1, cols), -2, False, fold)
         else:
             z = z.index_select(-1, cols)
         square = forward and adjoint
-        m = self._memo(("split_mask", z.dtype, str(z.device), square),
-                       lambda: self._kmask(z.dtype, z.device, square).index_select(-1, cols))
+        m = self._memo(("split_mask", z.dtype, str(z.device), square, fold),
+                       lambda: self._kmask(z.dtype, z.device, square, fold).index_select(-1, cols))
         z = self._apply_mask(z, m)
         if adjoint:
-            z = self._fft1(z, -2, True)
-        full = z.new_zeros((*z.shape[:-1], self.domain_shape[1])).index_copy_(-1, cols, z)
-        return self._fft1(full, -1, True) if adjoint else full
+            z = self._fft1(z, -2, True, fold)
+        w = self.domain_shape[1]
+        if z.dtype == torch.complex64 and _triton_mri.available(z.device):
+            # one write pass (index_copy_ into zeros: 53 + 12 us on an H200 for 4 x 15 x 320^2)
+            pos = self._memo(("split_pos", str(z.device)), lambda: torch.full(
+                (w,), -1, dtype=torch.int32, device=z.device).index_fill_(0, cols, 0).index_copy_(
+                0, cols, torch.arange(cols.numel(), dtype=torch.int32, device=z.device)))
+            full = _triton_mri.scatter_columns(z, cols, pos)
+        else:
+            full = z.new_zeros((*z.shape[:-1], w)).index_copy_(-1, cols, z)
+        return self._fft1(full, -1, True, fold) if adjoint else full
 
-    def _prepare_image(self, x: Tensor) -> Tensor:
-        """Validate ``x``, promote to complex and apply the image-side checkerboard."""
+    def _prepare_image(self, x: Tensor, check: bool = True) -> Tensor:
+        """Validate ``x``, promote to complex and (with ``check``) apply the image-side
+        checkerboard."""
         check_trailing_shape("x", x, self.domain_shape, type(self).__name__)
         x = x.to(_compute_dtype(x))
-        if self._fast:
+        if self._fast and check:
             x = x * self._icheck(x.dtype, x.device)
         return x
 
@@ -435,14 +461,30 @@ class MultiCoilMRI(_CartesianMRI):
     def _maps(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         return self.coil_maps.to(device=device, dtype=dtype)
 
+    def _coils(self, maps: Tensor, x: Tensor) -> Tensor:
+        """``S * (c x)`` for an image ``x`` without its checkerboard ``c`` (fast path) yet:
+        one fused pass where ``_triton_mri`` runs (CUDA complex64), else torch's."""
+        if self._fast and _triton_mri.supported(maps, x, coil_dim=False):
+            return _triton_mri.coil_product(maps, x, check=True)
+        if self._fast:
+            x = x * self._icheck(x.dtype, x.device)
+        return maps * x.unsqueeze(-3)
+
+    def _image(self, maps: Tensor, z: Tensor) -> Tensor:
+        """``c * sum_c conj(S_c) z_c`` (``c`` on the fast path), fused where it can be."""
+        if self._fast and _triton_mri.supported(maps, z, coil_dim=True):
+            return _triton_mri.coil_combine(maps, z, check=True)
+        return self._finish_image(_coil_combine(maps, z))
+
     def A(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., C, H, W)``: ``M * fft2c(S * x)``."""
-        x = self._prepare_image(x)
+        x = self._prepare_image(x, check=False)
         maps = self._maps(x.dtype, x.device)
         cols = self._split_columns(x.device)
         if cols is not None:
-            return self._split(maps * x.unsqueeze(-3), cols, forward=True, adjoint=False)
-        m = self._kmask(x.dtype, x.device)
+            return self._split(self._coils(maps, x), cols, forward=True, adjoint=False)
+        fold = self._fold(x)
+        m = self._kmask(x.dtype, x.device, fold=fold)
         if self._fast and _no_graph(x, maps, m):
             # one coil-sized allocation (the result): the coil product goes to a reused
             # scratch buffer, the FFT writes the fresh result (torch's FFT is fastest with a
@@ -450,9 +492,9 @@ class MultiCoilMRI(_CartesianMRI):
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m.shape) == shape:
                 buf = _scratch(shape, x.dtype)
-                torch.mul(maps, x.unsqueeze(-3), out=buf)
+                torch.mul(maps, (x * self._icheck(x.dtype, x.device)).unsqueeze(-3), out=buf)
                 return torch.fft.fft2(buf, dim=_DIMS, norm="ortho").mul_(m)
-        k = self._fwd_fft(maps * x.unsqueeze(-3))
+        k = self._fwd_fft(self._coils(maps, x), fold)
         return self._apply_mask(k, m)
 
     def A_adjoint(self, y: Tensor) -> Tensor:
@@ -463,37 +505,38 @@ class MultiCoilMRI(_CartesianMRI):
         maps = self._maps(y.dtype, y.device)
         cols = self._split_columns(y.device)
         if cols is not None:
-            z = self._split(y, cols, forward=False, adjoint=True)
-            return self._finish_image(_coil_combine(maps, z))
-        m = self._kmask(y.dtype, y.device)
+            return self._image(maps, self._split(y, cols, forward=False, adjoint=True))
+        fold = self._fold(y)
+        m = self._kmask(y.dtype, y.device, fold=fold)
         if self._fast and _no_graph(y, maps, m) and torch.broadcast_shapes(y.shape, m.shape) == y.shape:
             buf = torch.mul(y, m, out=_scratch(y.shape, y.dtype))  # no coil-sized allocation at all
             z = _fft2_inplace(buf, inverse=True)
         else:
-            z = self._adj_fft(y * m)
-        return self._finish_image(_coil_combine(maps, z))
+            z = self._adj_fft(y * m, fold)
+        return self._image(maps, z)
 
     def A_normal(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``S^H F^H M^2 F S x`` in one pass over the coils."""
-        x = self._prepare_image(x)
+        x = self._prepare_image(x, check=False)
         maps = self._maps(x.dtype, x.device)
         cols = self._split_columns(x.device)
         if cols is not None:
-            z = self._split(maps * x.unsqueeze(-3), cols, forward=True, adjoint=True)
-            return self._finish_image(_coil_combine(maps, z))
+            return self._image(maps, self._split(self._coils(maps, x), cols, forward=True,
+                                                 adjoint=True))
         # the k-space checkerboard squares to one, so only M^2 is applied here
-        m2 = self._kmask(x.dtype, x.device, square=True)
+        fold = self._fold(x)
+        m2 = self._kmask(x.dtype, x.device, square=True, fold=fold)
         if self._fast and _no_graph(x, maps, m2):
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m2.shape) == shape:
                 buf = _scratch(shape, x.dtype)
-                torch.mul(maps, x.unsqueeze(-3), out=buf)
+                torch.mul(maps, (x * self._icheck(x.dtype, x.device)).unsqueeze(-3), out=buf)
                 _fft2_inplace(buf).mul_(m2)
                 z = _fft2_inplace(buf, inverse=True)
                 return self._finish_image(_coil_combine(maps, z))
-        k = self._fwd_fft(maps * x.unsqueeze(-3))
-        z = self._adj_fft(self._apply_mask(k, m2))
-        return self._finish_image(_coil_combine(maps, z))
+        k = self._fwd_fft(self._coils(maps, x), fold)
+        z = self._adj_fft(self._apply_mask(k, m2), fold)
+        return self._image(maps, z)
 
     def domain_support(self) -> Tensor:
         """``(..., H, W)`` float: 1 where some coil map is non-zero (SENSE sees nothing else)."""
@@ -549,7 +592,8 @@ class SingleCoilMRI(_CartesianMRI):
         cols = self._split_columns(x.device)
         if cols is not None:
             return self._split(x, cols, forward=True, adjoint=False)
-        return self._apply_mask(self._fwd_fft(x), self._kmask(x.dtype, x.device))
+        fold = self._fold(x)
+        return self._apply_mask(self._fwd_fft(x, fold), self._kmask(x.dtype, x.device, fold=fold))
 
     def A_adjoint(self, y: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``ifft2c(M * y)``."""
@@ -558,7 +602,8 @@ class SingleCoilMRI(_CartesianMRI):
         cols = self._split_columns(y.device)
         if cols is not None:
             return self._finish_image(self._split(y, cols, forward=False, adjoint=True))
-        return self._finish_image(self._adj_fft(y * self._kmask(y.dtype, y.device)))
+        fold = self._fold(y)
+        return self._finish_image(self._adj_fft(y * self._kmask(y.dtype, y.device, fold=fold), fold))
 
     def _compute_norm_bound(self) -> float:
         """``max|M|``: the centred orthonormal FFT has norm one."""
@@ -570,8 +615,9 @@ class SingleCoilMRI(_CartesianMRI):
         cols = self._split_columns(x.device)
         if cols is not None:
             return self._finish_image(self._split(x, cols, forward=True, adjoint=True))
-        z = self._adj_fft(self._fwd_fft(x) * self._kmask(x.dtype, x.device, square=True))
-        return self._finish_image(z)
+        fold = self._fold(x)
+        m2 = self._kmask(x.dtype, x.device, square=True, fold=fold)
+        return self._finish_image(self._adj_fft(self._fwd_fft(x, fold) * m2, fold))
 
     def extra_repr(self) -> str:
         return f"image={self.domain_shape}, batch_shape={self.batch_shape}"

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (issue #9): the CUDA tests (every kernel against the CPU
 # path on the GPU itself), then the GPU benchmark tables. Logs go to $OUT (default
-# runs/gpu_check). Usage: bash scripts/gpu_check.sh [--quick | --ct]
+# runs/gpu_check). Usage: bash scripts/gpu_check.sh [--quick | --ct | --mri]
 #   --quick  a smaller cone case; --ct  the CT projectors only (CUDA tests of tests/operators,
-#   bench_gpu.py), no training or MRI benchmark. BASELINE=path/to/old/_triton_ct.py times an
+#   bench_gpu.py), no training or MRI benchmark; --mri  the MRI operators only (their CUDA
+#   tests and tests/models, the SENSE benchmark, a per-kernel profile (scripts/gpu/profile_mri.py;
+#   MRI_BASELINE=path/to/old/mri.py times an older operator beside it) and the training step).
+#   BASELINE=path/to/old/_triton_ct.py times an
 #   older version of the kernels side by side (bench_gpu.py --baseline).
 #
 # Optional ASTRA-CUDA comparison: put astra-toolbox's wheel in .whl/ (it is unpacked into
@@ -45,10 +48,22 @@ status=0
 mode=${1:-}
 tests="tests/operators tests/models"
 [ "$mode" = "--ct" ] && tests="tests/operators"
+[ "$mode" = "--mri" ] && tests="tests/operators/test_mri.py tests/operators/test_mri_split.py tests/operators/test_contract.py tests/models"
 echo "## CUDA tests"
 # the tests check every launch shape explicitly; tuning each test's shapes would only compile
 FEDRECON_TRITON_TUNE=0 $PY -P -m pytest -q -m cuda -p no:cacheprovider $tests 2>&1 | tee "$OUT/cuda_tests.log" | tail -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "$mode" = "--mri" ]; then
+    echo "## MRI operators on the GPU"
+    $PY scripts/bench_operators.py --device cuda --only mri --repeats 20 2>&1 | tee "$OUT/bench_operators_cuda.md" | tail -22
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    $PY scripts/gpu/profile_mri.py ${MRI_BASELINE:-} 2>&1 | tee "$OUT/profile_mri.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    echo "## training step"
+    $PY scripts/bench_training.py --device cuda --amp --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_training.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    exit $status
+fi
 echo "## projectors"
 base=()
 [ -n "${BASELINE:-}" ] && base=(--baseline "$BASELINE")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from fedrecon.operators import _cpu_spmm
@@ -45,3 +50,28 @@ def dense_ref():
     """``dense_ref(op, t, transpose)``: a CT projector's float64 dense system matrix (built by
     the plain path) applied to ``t (..., *in_shape)``, the independent reference."""
     return _dense_reference
+
+
+_INTERPRETER_PREAMBLE = textwrap.dedent('''
+    import numpy as np
+    from triton.runtime import interpreter as _interp
+
+    # Triton 3.6's interpreter calls int() on 1-element arrays, an error under NumPy >= 2.5
+    _orig = _interp._patch_lang_tensor
+    def _patched(tensor, scope):
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    _interp._patch_lang_tensor = _patched
+''')
+
+
+@pytest.fixture
+def run_interpreted():
+    """Run a script in a fresh process under Triton's interpreter (``TRITON_INTERPRET=1``, set
+    before Triton is imported); the script must print ``ok`` last."""
+    def run(script: str) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        out = subprocess.run([sys.executable, "-c", _INTERPRETER_PREAMBLE + script], env=env,
+                             capture_output=True, text=True, check=False, timeout=600)
+        assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    return run
