@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_BYTES", "ENV_VAR", "MIN_NNZ", "available", "chunked", "matmul", "pack16",
-           "product", "unpack_split16", "unpack_sum16", "use_kernel", "workspace"]
+__all__ = ["CHUNK_BYTES", "ENV_VAR", "MIN_NNZ", "available", "chunked", "compile_slp", "matmul",
+           "pack16", "product", "run_split", "unpack_split16", "unpack_sum16", "use_kernel",
+           "workspace"]
 
 LANES = 8
 CHUNK_BYTES = 3 << 17  # 384 KiB of gathered dense rows per column chunk (L2 is 512 KiB here)
@@ -207,17 +208,15 @@ def _jit(name: str, fn, **opts):
     return disp
 
 
-def _compiled(args: tuple, lanes: int = LANES):
-    """The ``lanes``-lane dispatcher (8 or 16), compiled for ``args``'s types with LLVM's SLP
-    vectoriser on.
+def compile_slp(name: str, fn, args: tuple, **opts):
+    """``fn`` under numba (``_jit``), compiled for ``args``'s types with LLVM's SLP vectoriser
+    on: it packs per-lane scalar code into vectors, which numba leaves off by default.
 
     ``numba.config.SLP_VECTORIZE`` is read when the optimisation passes are built, so it is
     set only around this compilation (under the lock) and restored.
     """
     numba = _numba()
-    # "contract" lets LLVM fuse each multiply-add (FMA), no reassociation: same summation
-    # order, ~4% faster for 16 lanes (more for some 8-lane products)
-    disp = _jit(f"spmm{lanes}", _KERNELS[lanes], fastmath={"contract"})
+    disp = _jit(name, fn, **opts)
     sig = tuple(numba.typeof(a) for a in args)
     if sig not in disp.overloads:
         with _LOCK:
@@ -230,6 +229,13 @@ def _compiled(args: tuple, lanes: int = LANES):
             finally:
                 numba.config.SLP_VECTORIZE = old
     return disp
+
+
+def _compiled(args: tuple, lanes: int = LANES):
+    """The ``lanes``-lane dispatcher (8 or 16) for ``args`` (``compile_slp``)."""
+    # "contract" lets LLVM fuse each multiply-add (FMA), no reassociation: same summation
+    # order, ~4% faster for 16 lanes (more for some 8-lane products)
+    return compile_slp(f"spmm{lanes}", _KERNELS[lanes], args, fastmath={"contract"})
 
 
 def _numba():
@@ -281,7 +287,7 @@ def _row_split(mat: Tensor) -> list[int]:
     return [0, *inner, mat.shape[0]]
 
 
-def _run_split(kernel, args: tuple, bounds: list[int]) -> None:
+def run_split(kernel, args: tuple, bounds: list[int]) -> None:
     """``kernel(*args, r0, r1)`` over consecutive row ranges, one Python thread each (the
     kernel releases the GIL). Plain threads rather than numba's parallel loops: no second
     OpenMP runtime competing with torch's for the cores, nothing unsafe after a fork."""
@@ -367,7 +373,7 @@ def product(mat: Tensor, lanes: np.ndarray, out: np.ndarray | None = None) -> np
     bounds = _row_split(mat)
     for k in range(lanes.shape[0]):
         args = (crow, col, val, lanes[k].reshape(-1), out[k].reshape(-1), n_rows, width)
-        _run_split(_compiled((*args, 0, 0), n_lanes), args, bounds)
+        run_split(_compiled((*args, 0, 0), n_lanes), args, bounds)
     return out
 
 

@@ -21,7 +21,7 @@ For even ``H`` and ``W`` the shifts are folded into checkerboard modulations, wh
 take the plain shift path.
 
 On CUDA (complex64) the coil product and the coil combine are single fused passes with the
-image-side checkerboard inside (``_triton_mri``), and the FFTs run unnormalised with their
+image-side checkerboard inside (``_sense_kernels``), and the FFTs run unnormalised with their
 orthonormal scale folded into the mask: what is left besides the FFT is one pass each for
 the coil product, the mask and the combine (measured on an H200: A + A^H 1.29x the GPU time
 of a bare orthonormal fft2 + ifft2 of the coil data; docs/benchmarks.md).
@@ -47,7 +47,7 @@ import scipy.fft
 import torch
 from torch import Tensor
 
-from . import _triton_mri
+from . import _sense_kernels
 from ._checks import (
     as_image_size,
     check_complex,
@@ -384,12 +384,12 @@ class _CartesianMRI(LinearOperator):
         if adjoint:
             z = self._fft1(z, -2, True, fold)
         w = self.domain_shape[1]
-        if z.dtype == torch.complex64 and _triton_mri.available(z.device):
+        if z.dtype == torch.complex64 and _sense_kernels.available(z.device):
             # one write pass (index_copy_ into zeros: 53 + 12 us on an H200 for 4 x 15 x 320^2)
             pos = self._memo(("split_pos", str(z.device)), lambda: torch.full(
                 (w,), -1, dtype=torch.int32, device=z.device).index_fill_(0, cols, 0).index_copy_(
                 0, cols, torch.arange(cols.numel(), dtype=torch.int32, device=z.device)))
-            full = _triton_mri.scatter_columns(z, cols, pos)
+            full = _sense_kernels.scatter_columns(z, cols, pos)
         else:
             full = z.new_zeros((*z.shape[:-1], w)).index_copy_(-1, cols, z)
         return self._fft1(full, -1, True, fold) if adjoint else full
@@ -461,19 +461,27 @@ class MultiCoilMRI(_CartesianMRI):
     def _maps(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         return self.coil_maps.to(device=device, dtype=dtype)
 
-    def _coils(self, maps: Tensor, x: Tensor) -> Tensor:
+    def _coils(self, maps: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
         """``S * (c x)`` for an image ``x`` without its checkerboard ``c`` (fast path) yet:
-        one fused pass where ``_triton_mri`` runs (CUDA complex64), else torch's."""
-        if self._fast and _triton_mri.supported(maps, x, coil_dim=False):
-            return _triton_mri.coil_product(maps, x, check=True)
+        one fused pass where the Triton kernels run (``_sense_kernels``), else torch's;
+        written to ``out`` (a reused buffer, no autograd graph) when given."""
+        if self._fast and _sense_kernels.supported(maps, x, coil_dim=False):
+            return _sense_kernels.coil_product(maps, x, check=True, out=out)
         if self._fast:
             x = x * self._icheck(x.dtype, x.device)
-        return maps * x.unsqueeze(-3)
+        return maps * x.unsqueeze(-3) if out is None else torch.mul(maps, x.unsqueeze(-3), out=out)
 
-    def _image(self, maps: Tensor, z: Tensor) -> Tensor:
-        """``c * sum_c conj(S_c) z_c`` (``c`` on the fast path), fused where it can be."""
-        if self._fast and _triton_mri.supported(maps, z, coil_dim=True):
-            return _triton_mri.coil_combine(maps, z, check=True)
+    def _image(self, maps: Tensor, z: Tensor, after_scipy: bool = False) -> Tensor:
+        """``c * sum_c conj(S_c) z_c`` (``c`` on the fast path), fused where it can be: by
+        the Triton kernel, or on the CPU by the numba one when ``z`` comes from the scratch
+        paths (``after_scipy``: no graph, and no torch op just before, see
+        ``_sense_kernels.cpu_combine``)."""
+        if self._fast and after_scipy:
+            out = _sense_kernels.cpu_combine(maps, z, check=True)
+            if out is not None:
+                return out
+        if self._fast and _sense_kernels.supported(maps, z, coil_dim=True):
+            return _sense_kernels.coil_combine(maps, z, check=True)
         return self._finish_image(_coil_combine(maps, z))
 
     def A(self, x: Tensor) -> Tensor:
@@ -491,8 +499,7 @@ class MultiCoilMRI(_CartesianMRI):
             # fresh output), the mask multiplies it in place
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m.shape) == shape:
-                buf = _scratch(shape, x.dtype)
-                torch.mul(maps, (x * self._icheck(x.dtype, x.device)).unsqueeze(-3), out=buf)
+                buf = self._coils(maps, x, out=_scratch(shape, x.dtype))
                 return torch.fft.fft2(buf, dim=_DIMS, norm="ortho").mul_(m)
         k = self._fwd_fft(self._coils(maps, x), fold)
         return self._apply_mask(k, m)
@@ -510,10 +517,8 @@ class MultiCoilMRI(_CartesianMRI):
         m = self._kmask(y.dtype, y.device, fold=fold)
         if self._fast and _no_graph(y, maps, m) and torch.broadcast_shapes(y.shape, m.shape) == y.shape:
             buf = torch.mul(y, m, out=_scratch(y.shape, y.dtype))  # no coil-sized allocation at all
-            z = _fft2_inplace(buf, inverse=True)
-        else:
-            z = self._adj_fft(y * m, fold)
-        return self._image(maps, z)
+            return self._image(maps, _fft2_inplace(buf, inverse=True), after_scipy=True)
+        return self._image(maps, self._adj_fft(y * m, fold))
 
     def A_normal(self, x: Tensor) -> Tensor:
         """``(..., H, W) -> (..., H, W)``: ``S^H F^H M^2 F S x`` in one pass over the coils."""
@@ -529,11 +534,9 @@ class MultiCoilMRI(_CartesianMRI):
         if self._fast and _no_graph(x, maps, m2):
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m2.shape) == shape:
-                buf = _scratch(shape, x.dtype)
-                torch.mul(maps, (x * self._icheck(x.dtype, x.device)).unsqueeze(-3), out=buf)
+                buf = self._coils(maps, x, out=_scratch(shape, x.dtype))
                 _fft2_inplace(buf).mul_(m2)
-                z = _fft2_inplace(buf, inverse=True)
-                return self._finish_image(_coil_combine(maps, z))
+                return self._image(maps, _fft2_inplace(buf, inverse=True), after_scipy=True)
         k = self._fwd_fft(self._coils(maps, x), fold)
         z = self._adj_fft(self._apply_mask(k, m2), fold)
         return self._image(maps, z)

@@ -67,11 +67,14 @@ _INTERPRETER_PREAMBLE = textwrap.dedent('''
 
 @pytest.fixture
 def run_interpreted():
-    """Run a script in a fresh process under Triton's interpreter (``TRITON_INTERPRET=1``, set
-    before Triton is imported); the script must print ``ok`` last."""
-    def run(script: str) -> None:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        out = subprocess.run([sys.executable, "-c", _INTERPRETER_PREAMBLE + script], env=env,
-                             capture_output=True, text=True, check=False, timeout=600)
+    """Run a script in a fresh process, by default under Triton's interpreter
+    (``TRITON_INTERPRET=1``, set before Triton is imported); it must print ``ok`` last."""
+    def run(script: str, interpret: bool = True) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
+            script = _INTERPRETER_PREAMBLE + script
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, check=False, timeout=600)
         assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
     return run

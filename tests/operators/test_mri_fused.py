@@ -1,8 +1,9 @@
-"""The fused SENSE kernels (operators/_triton_mri.py) and the CUDA-side folding of the FFT's
-scale into the mask, run on the CPU through Triton's interpreter, against a complex128
-reference written from the definitions (``A = M fft2c(S x)``), with and without the split
-path, for per-sample and shared coil maps, and through autograd. The same operators run
-compiled on a GPU in test_mri_split.py / test_contract.py (``-m cuda``)."""
+"""The fused SENSE kernels (operators/_sense_kernels.py) and the CUDA-side folding of the FFT's
+scale into the mask, against a complex128 reference written from the definitions (``A = M
+fft2c(S x)``), with and without the split path, for per-sample and shared coil maps, and
+through autograd: the Triton kernels through Triton's interpreter on the CPU, the CPU
+(numba) kernels as they run. The Triton kernels run compiled on a GPU in test_mri.py,
+test_mri_split.py and test_contract.py (``-m cuda``)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ import importlib.util
 import textwrap
 
 import pytest
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="Triton not installed")
+from fedrecon.operators import _cpu_spmm
 
 SCRIPT = textwrap.dedent('''
     import os, torch
     from fedrecon.operators import MultiCoilMRI, SingleCoilMRI
     from fedrecon.operators import mri as M
-    from fedrecon.operators import _triton_mri as TM
+    from fedrecon.operators import _sense_kernels as TM
 
     D = (-2, -1)
     c64 = torch.complex64
@@ -32,11 +31,13 @@ SCRIPT = textwrap.dedent('''
     def rel(a, b):
         return float((a.to(b.dtype) - b).abs().norm() / b.abs().norm())
 
+    triton_path = os.environ.get("TRITON_INTERPRET") == "1"  # else the numba kernels
     calls = {}
-    for name in ("_launch_product", "_launch_combine", "_launch_scatter"):
-        def counted(*a, _f=getattr(TM, name), _n=name):
-            calls[_n] = calls.get(_n, 0) + 1
-            return _f(*a)
+    for name in ("_launch_product", "_launch_combine", "_launch_scatter", "cpu_combine"):
+        def counted(*a, _f=getattr(TM, name), _n=name, **k):
+            out = _f(*a, **k)
+            calls[_n] = calls.get(_n, 0) + (out is not None)
+            return out
         setattr(TM, name, counted)
 
     gen = torch.Generator().manual_seed(0)
@@ -69,9 +70,12 @@ SCRIPT = textwrap.dedent('''
                 assert rel(op.A_adjoint(y.to(c64)), ah_ref) < 1e-5, (fold, split, lead)
                 assert rel(op.A_normal(x.to(c64)), an_ref) < 1e-5, (fold, split, lead)
                 n = {k: calls.get(k, 0) - before.get(k, 0) for k in calls}
-                if fold or split == "on":  # (the CPU's scratch path takes the others)
+                scratch = not fold and split == "off"  # the CPU's scratch-buffer paths
+                if triton_path and not scratch:
                     assert n["_launch_product"] == n["_launch_combine"] == 2, n
-                assert n.get("_launch_scatter", 0) == (3 if split == "on" else 0), n
+                assert n.get("_launch_scatter", 0) == (3 if split == "on" and triton_path else 0), n
+                # the numba combine after scipy's FFT in A^H and A^H A
+                assert n.get("cpu_combine", 0) == (2 if scratch else 0), n
                 # autograd: the gradient of Re<A x, y> in x is A^H y, of Re<A^H y, x> in y is A x
                 xg = x.to(c64).requires_grad_()
                 (op.A(xg) * y.to(c64).conj()).real.sum().backward()
@@ -79,8 +83,8 @@ SCRIPT = textwrap.dedent('''
                 yg = y.to(c64).requires_grad_()
                 (op.A_adjoint(yg) * x.to(c64).conj()).real.sum().backward()
                 assert rel(yg.grad, a_ref) < 1e-5
-                # complex128 and learned maps stay on torch's path
-                assert rel(op.A(x), a_ref) < 1e-12
+                # complex128: torch's path under Triton, numba's on the CPU
+                assert rel(op.A(x), a_ref) < 1e-12 and rel(op.A_adjoint(y), ah_ref) < 1e-12
                 # single coil: the scatter (split) and the folded scale
                 sc = SingleCoilMRI(mask.float(), (H, W))
                 assert rel(sc.A(x.to(c64)), m * fft2c(x)) < 1e-5
@@ -98,5 +102,26 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 def test_fused_sense_kernels_in_the_interpreter(run_interpreted):
     run_interpreted(SCRIPT)
+
+
+@pytest.mark.skipif(not _cpu_spmm.available(), reason="numba is not installed")
+def test_fused_sense_kernels_on_the_cpu(run_interpreted):
+    run_interpreted(SCRIPT, interpret=False)
+
+
+def test_switch_off_keeps_torch_passes(monkeypatch):
+    import torch
+    from fedrecon.operators import MultiCoilMRI, _sense_kernels
+
+    gen = torch.Generator().manual_seed(1)
+    maps = torch.randn(2, 3, 8, 10, dtype=torch.complex64, generator=gen)
+    op = MultiCoilMRI(maps, torch.ones(10))
+    y = torch.randn(2, 3, 8, 10, dtype=torch.complex64, generator=gen)
+    assert (_sense_kernels.cpu_combine(maps, y, check=True) is not None) == _cpu_spmm.available()
+    fused = op.A_adjoint(y)
+    monkeypatch.setenv(_sense_kernels.ENV_VAR, "off")
+    assert _sense_kernels.cpu_combine(maps, y, check=True) is None
+    torch.testing.assert_close(op.A_adjoint(y), fused, rtol=1e-5, atol=1e-5)
