@@ -123,12 +123,17 @@ if triton is not None:
         return 1.0 - 2.0 * ((h + p - h * width) % 2).to(tl.float32)
 
     @triton.jit
-    def _product_kernel(maps, x, out, n_coils, n_pix, width, maps_bstride,
-                        CHECK: tl.constexpr, BLOCK: tl.constexpr):
+    def _tile(n_pix, BLOCK: tl.constexpr):
+        """This program's sample ``b``, pixels ``p``, the ``(BLOCK, 2)`` offsets of their real
+        and imaginary parts and the in-bounds mask."""
         b = tl.program_id(1).to(tl.int64)
         p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        idx = 2 * p[:, None] + tl.arange(0, 2)[None, :]
-        ok = (p < n_pix)[:, None]
+        return b, p, 2 * p[:, None] + tl.arange(0, 2)[None, :], (p < n_pix)[:, None]
+
+    @triton.jit
+    def _product_kernel(maps, x, out, n_coils, n_pix, width, maps_bstride,
+                        CHECK: tl.constexpr, BLOCK: tl.constexpr):
+        b, p, idx, ok = _tile(n_pix, BLOCK)
         xr, xi = tl.split(tl.load(x + b * 2 * n_pix + idx, mask=ok, other=0.0))
         if CHECK:
             s = _sign(p, width)
@@ -143,10 +148,7 @@ if triton is not None:
     @triton.jit
     def _combine_kernel(maps, z, out, n_coils, n_pix, width, maps_bstride,
                         CHECK: tl.constexpr, BLOCK: tl.constexpr):
-        b = tl.program_id(1).to(tl.int64)
-        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        idx = 2 * p[:, None] + tl.arange(0, 2)[None, :]
-        ok = (p < n_pix)[:, None]
+        b, p, idx, ok = _tile(n_pix, BLOCK)
         mb = maps + b * maps_bstride
         zb = z + b * n_coils * 2 * n_pix
         acc_r = tl.zeros([BLOCK], dtype=tl.float32)
@@ -228,26 +230,18 @@ def _launch_combine(maps: Tensor, z: Tensor, check: bool) -> Tensor:
     return out
 
 
-class _Product(torch.autograd.Function):
+class _CoilPass(torch.autograd.Function):
+    """The coil product (``combine`` False) or the coil combine (True) of ``t``; each one's
+    vector-Jacobian product is the other (twice differentiable)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, maps: Tensor, check: bool) -> Tensor:  # type: ignore[override]
-        ctx.maps, ctx.check = maps, check
-        return _launch_product(maps, x, check)
+    def forward(ctx, t: Tensor, maps: Tensor, check: bool, combine: bool) -> Tensor:  # type: ignore[override]
+        ctx.maps, ctx.check, ctx.combine = maps, check, combine
+        return (_launch_combine if combine else _launch_product)(maps, t, check)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _Combine.apply(grad, ctx.maps, ctx.check), None, None
-
-
-class _Combine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, maps: Tensor, check: bool) -> Tensor:  # type: ignore[override]
-        ctx.maps, ctx.check = maps, check
-        return _launch_combine(maps, z, check)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _Product.apply(grad, ctx.maps, ctx.check), None, None
+        return _CoilPass.apply(grad, ctx.maps, ctx.check, not ctx.combine), None, None, None
 
 
 def coil_product(maps: Tensor, x: Tensor, check: bool, out: Tensor | None = None) -> Tensor:
@@ -257,13 +251,13 @@ def coil_product(maps: Tensor, x: Tensor, check: bool, out: Tensor | None = None
     graph."""
     if out is not None:
         return _launch_product(maps, x, check, out)
-    return _Product.apply(x, maps.detach(), check)
+    return _CoilPass.apply(x, maps.detach(), check, False)
 
 
 def coil_combine(maps: Tensor, z: Tensor, check: bool) -> Tensor:
     """``sum_c conj(maps_c) * z_c`` over dim -3 of ``z (..., C, H, W)``, times the
     checkerboard when ``check``: ``(..., H, W)``. See ``supported``."""
-    return _Combine.apply(z, maps.detach(), check)
+    return _CoilPass.apply(z, maps.detach(), check, True)
 
 
 def _launch_scatter(zs: Tensor, pos: Tensor, width: int) -> Tensor:

@@ -138,6 +138,18 @@ def test_real_input_and_broadcast_batch(device, split_on):
 
 
 # -- (e), (f): fallbacks ---------------------------------------------------------------------
+def _assert_full_path(op, x, device, split_on):
+    """With the split path switched on, ``op`` still takes the full one: same ``A x`` bit for
+    bit, no split call. Returns ``A x``."""
+    split_on.off()
+    ref = op.A(x)
+    split_on()
+    assert op.kspace_path(device) == "full"
+    torch.testing.assert_close(op.A(x), ref, rtol=0, atol=0)
+    assert split_on.calls == 0
+    return ref
+
+
 @pytest.mark.parametrize("dtype", CDTYPES)
 def test_2d_random_mask_falls_back(dtype, device, split_on):
     h, w = 16, 20
@@ -145,13 +157,7 @@ def test_2d_random_mask_falls_back(dtype, device, split_on):
     mask = (torch.rand(h, w, generator=_gen(7)) < 0.2).to(rdtype)
     op = MultiCoilMRI(_crandn(3, h, w, dtype=dtype, seed=8), mask).to(device)
     assert mri._column_support(op.mask, w) is None  # not column-structured
-    x = _crandn(h, w, dtype=dtype, seed=9).to(device)
-    split_on.off()
-    ref = op.A(x)
-    split_on()
-    assert op.kspace_path(device) == "full"
-    torch.testing.assert_close(op.A(x), ref, rtol=0, atol=0)
-    assert split_on.calls == 0
+    _assert_full_path(op, _crandn(h, w, dtype=dtype, seed=9).to(device), device, split_on)
 
 
 def test_mask_above_threshold_falls_back(device, split_on, monkeypatch):
@@ -161,12 +167,7 @@ def test_mask_above_threshold_falls_back(device, split_on, monkeypatch):
     op = MultiCoilMRI(_crandn(3, h, w, dtype=torch.complex128, seed=11), mask).to(device)
     assert mri._column_support(op.mask, w).numel() == 14
     x = _crandn(h, w, dtype=torch.complex128, seed=12).to(device)
-    split_on.off()
-    ref = op.A(x)
-    split_on()
-    assert op.kspace_path(device) == "full"
-    torch.testing.assert_close(op.A(x), ref, rtol=0, atol=0)
-    assert split_on.calls == 0
+    ref = _assert_full_path(op, x, device, split_on)
     monkeypatch.setattr(mri, "SPLIT_MAX_FRACTION", 0.8)  # read at call time
     assert op.kspace_path(device) == "split"
     assert _rel(op.A(x), ref) < 1e-12
