@@ -37,8 +37,8 @@ from torch import Tensor
 
 from . import _cpu_spmm, _triton_ct
 
-__all__ = ["ENV_VAR", "available", "coil_combine", "coil_product", "cpu_combine",
-           "scatter_columns", "supported"]
+__all__ = ["ENV_VAR", "available", "coil_combine", "coil_product", "cpu_combine", "cpu_mask",
+           "cpu_product", "cpu_ready", "scatter_columns", "supported"]
 
 ENV_VAR = "FEDRECON_SENSE_KERNELS"  # "off": torch's passes
 
@@ -52,6 +52,44 @@ _CPU_BLOCK = 2048  # pixels per CPU task (a 16 KiB complex64 accumulator)
 def available(device: torch.device) -> bool:
     """Whether the Triton kernels run on ``device`` (CUDA with Triton, or the interpreter)."""
     return _triton_ct.available(device)
+
+
+def _cpu_product(s, x, out, n_coils, n_pix, width, maps_bstride, x_bstride, check, t0,
+                 t1):  # pragma: no cover - numba
+    """Tasks ``t0 <= t < t1`` = (sample, block of ``_CPU_BLOCK`` pixels) of the coil product;
+    flat real views, ``maps_bstride`` / ``x_bstride`` reals between samples of the maps and
+    of the image ``x`` (0: shared), ``out (B, C, P, 2)``."""
+    blk = _CPU_BLOCK
+    n_blk = (n_pix + blk - 1) // blk
+    xs = np.empty(2 * blk, dtype=out.dtype)
+    for t in range(t0, t1):
+        b, p0 = t // n_blk, (t % n_blk) * blk
+        m = min(n_pix, p0 + blk) - p0
+        xb = b * x_bstride + 2 * p0
+        for k in range(m):
+            sign = 1.0
+            if check:
+                h = (p0 + k) // width
+                sign = 1.0 - 2.0 * ((h + p0 + k - h * width) % 2)
+            xs[2 * k] = x[xb + 2 * k] * sign
+            xs[2 * k + 1] = x[xb + 2 * k + 1] * sign
+        for c in range(n_coils):
+            sb = b * maps_bstride + c * 2 * n_pix + 2 * p0
+            ob = (b * n_coils + c) * 2 * n_pix + 2 * p0
+            for k in range(m):
+                sr, si = s[sb + 2 * k], s[sb + 2 * k + 1]
+                xr, xi = xs[2 * k], xs[2 * k + 1]
+                out[ob + 2 * k] = sr * xr - si * xi
+                out[ob + 2 * k + 1] = sr * xi + si * xr
+
+
+def _cpu_mask(y, m, out, n_coils, n_pix, m_bstride, t0, t1):  # pragma: no cover - numba
+    """``out = y * m`` for coil planes ``t0 <= t < t1`` (complex arrays, flat), ``m`` one
+    plane per sample (``m_bstride`` elements apart, 0: shared); ``out`` may be ``y``."""
+    for t in range(t0, t1):
+        base, mb = t * n_pix, (t // n_coils) * m_bstride
+        for k in range(n_pix):
+            out[base + k] = y[base + k] * m[mb + k]
 
 
 def _cpu_combine(s, z, out, n_coils, n_pix, width, maps_bstride, check, t0, t1):  # pragma: no cover - numba
@@ -82,36 +120,76 @@ def _cpu_combine(s, z, out, n_coils, n_pix, width, maps_bstride, check, t0, t1):
             out[ob + 2 * k + 1] = acc[2 * k + 1] * sign
 
 
-def cpu_combine(maps: Tensor, z: Tensor, check: bool) -> Tensor | None:
-    """``coil_combine`` on the CPU (numba, complex64/complex128), without autograd; None where
-    it does not apply (another device or dtype, no numba, maps neither per sample nor shared,
-    ``FEDRECON_SENSE_KERNELS=off``).
+def cpu_ready(*ts: Tensor) -> bool:
+    """Whether the CPU kernels take ``ts``: on the CPU, one complex dtype, numba importable,
+    not switched off (``FEDRECON_SENSE_KERNELS=off``). They run without autograd, for the SENSE
+    operator's scratch-buffer paths, where no torch op runs just before them: torch's
+    OpenMP workers keep spinning for a while after an op and take the cores from these
+    kernels' threads (measured: the combine after a torch ifft2 15-17 ms instead of 10)."""
+    dtype = ts[0].dtype
+    return (all(t.device.type == "cpu" and t.dtype == dtype for t in ts)
+            and dtype in (torch.complex64, torch.complex128) and _cpu_spmm.available()
+            and os.environ.get(ENV_VAR, "").strip().lower() not in _cpu_spmm._OFF)
 
-    For callers whose previous op was not one of torch's multi-threaded ones (the SENSE
-    operator's scratch-buffer paths, after scipy's FFT): torch's OpenMP workers keep spinning
-    for a while after an op and take the cores from this kernel's threads (measured after a
-    torch ifft2: 15-17 ms instead of 10). After scipy's FFT: 11 ms vs 23 ms for torch's
-    per-coil ``addcmul_`` combine and checkerboard.
-    """
-    if not (z.device.type == maps.device.type == "cpu" and z.dtype == maps.dtype
-            and z.dtype in (torch.complex64, torch.complex128) and _cpu_spmm.available()
-            and os.environ.get(ENV_VAR, "").strip().lower() not in _cpu_spmm._OFF):
-        return None
-    c, h, w = z.shape[-3:]
-    nb = z.shape[:-3].numel()
-    stride = _batch_stride(maps, nb)
-    if stride is None or maps.shape[-3:] != z.shape[-3:]:
-        return None
-    maps, z = maps.detach().resolve_conj().contiguous(), z.detach().resolve_conj().contiguous()
-    out = torch.empty((*z.shape[:-3], h, w), dtype=z.dtype)
-    n_tasks = nb * -(-(h * w) // _CPU_BLOCK)
+
+def _cpu_run(name: str, fn, args: tuple, n_tasks: int) -> None:
+    """``fn(*args, t0, t1)`` over ``n_tasks`` tasks on ``torch.get_num_threads()`` threads."""
     if n_tasks:
-        args = tuple(torch.view_as_real(a).numpy().reshape(-1) for a in (maps, z, out))
-        args = (*args, c, h * w, w, stride, check)
-        kernel = _cpu_spmm.compile_slp("sense_combine", _cpu_combine, (*args, 0, 0),
-                                       fastmath={"contract"})
+        kernel = _cpu_spmm.compile_slp(f"sense_{name}", fn, (*args, 0, 0), fastmath={"contract"})
         n = max(1, min(torch.get_num_threads(), n_tasks))
         _cpu_spmm.run_split(kernel, args, [n_tasks * k // n for k in range(n + 1)])
+
+
+def _reals(*ts: Tensor) -> tuple:
+    return tuple(torch.view_as_real(t).numpy().reshape(-1) for t in ts)
+
+
+def cpu_product(maps: Tensor, x: Tensor, check: bool, out: Tensor) -> Tensor | None:
+    """``coil_product`` on the CPU into ``out`` (contiguous ``(..., C, H, W)``), maps and image
+    each per sample or shared; None (``out`` untouched) where it does not apply."""
+    c, h, w = out.shape[-3:]
+    nb = out.shape[:-3].numel()
+    ms, xs = _lead_stride(maps, 3, nb), _lead_stride(x, 2, nb)
+    if not (cpu_ready(maps, x, out) and out.is_contiguous()) or ms is None or xs is None:
+        return None
+    maps, x = (t.detach().resolve_conj().contiguous() for t in (maps, x))
+    _cpu_run("product", _cpu_product, (*_reals(maps, x, out), c, h * w, w, ms, xs, check),
+             nb * -(-(h * w) // _CPU_BLOCK))
+    return out
+
+
+def cpu_mask(y: Tensor, m: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """``y * m`` on the CPU for coil data ``y (..., C, H, W)`` and a mask ``m`` broadcastable
+    to ``(..., 1, H, W)`` without adding dims, into ``out`` (may be ``y``; fresh when None);
+    None where it does not apply."""
+    c, h, w = y.shape[-3:]
+    nb = y.shape[:-3].numel()
+    if not cpu_ready(y, m) or not y.is_contiguous() or (out is not None and not cpu_ready(out)):
+        return None
+    if torch.broadcast_shapes(y.shape, m.shape) != y.shape or m.shape[-3] != 1:
+        return None
+    lead = y.shape[:-3] if m.shape[:-3].numel() > 1 else (1,) * (y.ndim - 3)
+    planes = m.detach().expand(*lead, 1, h, w).reshape(-1, h * w).contiguous()
+    out = torch.empty_like(y) if out is None else out
+    _cpu_run("mask", _cpu_mask, (y.numpy().reshape(-1), planes.numpy().reshape(-1),
+                                 out.numpy().reshape(-1), c, h * w,
+                                 h * w if planes.shape[0] > 1 else 0), nb * c)
+    return out
+
+
+def cpu_combine(maps: Tensor, z: Tensor, check: bool) -> Tensor | None:
+    """``coil_combine`` on the CPU, without autograd (see ``cpu_ready``); None where it does
+    not apply. After scipy's FFT: 11 ms vs 23 ms for torch's per-coil ``addcmul_`` combine
+    and checkerboard (B=4, 15 coils, 320^2)."""
+    c, h, w = z.shape[-3:]
+    nb = z.shape[:-3].numel()
+    stride = _lead_stride(maps, 3, nb)
+    if not cpu_ready(maps, z) or stride is None or maps.shape[-3:] != z.shape[-3:]:
+        return None
+    maps, z = (t.detach().resolve_conj().contiguous() for t in (maps, z))
+    out = torch.empty((*z.shape[:-3], h, w), dtype=z.dtype)
+    _cpu_run("combine", _cpu_combine, (*_reals(maps, z, out), c, h * w, w, stride, check),
+             nb * -(-(h * w) // _CPU_BLOCK))
     return out
 
 
@@ -178,12 +256,12 @@ if triton is not None:
         tl.store(out + dst, v, mask=(rows & (w < width)[None, :])[:, :, None])
 
 
-def _batch_stride(maps: Tensor, batch: int) -> int | None:
-    """Float offset between samples of ``maps (..., C, H, W)`` flattened to ``batch`` samples:
-    a full sample for per-sample maps, 0 for maps shared by the batch; None otherwise."""
-    lead = maps.shape[:-3].numel()
+def _lead_stride(t: Tensor, tail: int, batch: int) -> int | None:
+    """Real offset between samples of ``t`` (its last ``tail`` dims per sample) flattened to
+    ``batch`` samples: a sample's size when per sample, 0 when shared; None otherwise."""
+    lead = t.shape[:-tail].numel()
     if lead == batch:
-        return 2 * maps.shape[-3:].numel()
+        return 2 * t.shape[-tail:].numel()
     return 0 if lead == 1 else None
 
 
@@ -213,7 +291,7 @@ def _launch_product(maps: Tensor, x: Tensor, check: bool, out: Tensor | None = N
     if nb and c:
         _product_kernel[(triton.cdiv(h * w, _BLOCK), nb)](
             torch.view_as_real(maps), torch.view_as_real(x), torch.view_as_real(out), c, h * w,
-            w, _batch_stride(maps, nb), CHECK=check, BLOCK=_BLOCK)
+            w, _lead_stride(maps, 3, nb), CHECK=check, BLOCK=_BLOCK)
     return out
 
 
@@ -226,7 +304,7 @@ def _launch_combine(maps: Tensor, z: Tensor, check: bool) -> Tensor:
     if nb:
         _combine_kernel[(triton.cdiv(h * w, _BLOCK), nb)](
             torch.view_as_real(maps), torch.view_as_real(z), torch.view_as_real(out), c, h * w,
-            w, _batch_stride(maps, nb), CHECK=check, BLOCK=_BLOCK)
+            w, _lead_stride(maps, 3, nb), CHECK=check, BLOCK=_BLOCK)
     return out
 
 

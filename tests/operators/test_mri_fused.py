@@ -33,7 +33,8 @@ SCRIPT = textwrap.dedent('''
 
     triton_path = os.environ.get("TRITON_INTERPRET") == "1"  # else the numba kernels
     calls = {}
-    for name in ("_launch_product", "_launch_combine", "_launch_scatter", "cpu_combine"):
+    for name in ("_launch_product", "_launch_combine", "_launch_scatter", "cpu_combine",
+                 "cpu_product", "cpu_mask"):
         def counted(*a, _f=getattr(TM, name), _n=name, **k):
             out = _f(*a, **k)
             calls[_n] = calls.get(_n, 0) + (out is not None)
@@ -74,8 +75,9 @@ SCRIPT = textwrap.dedent('''
                 if triton_path and not scratch:
                     assert n["_launch_product"] == n["_launch_combine"] == 2, n
                 assert n.get("_launch_scatter", 0) == (3 if split == "on" and triton_path else 0), n
-                # the numba combine after scipy's FFT in A^H and A^H A
-                assert n.get("cpu_combine", 0) == (2 if scratch else 0), n
+                # the numba passes around scipy's FFT in A^H and A^H A
+                assert n.get("cpu_combine", 0) == n.get("cpu_mask", 0) == (2 if scratch else 0), n
+                assert n.get("cpu_product", 0) == (1 if scratch else 0), n
                 # autograd: the gradient of Re<A x, y> in x is A^H y, of Re<A^H y, x> in y is A x
                 xg = x.to(c64).requires_grad_()
                 (op.A(xg) * y.to(c64).conj()).real.sum().backward()
@@ -125,3 +127,32 @@ def test_switch_off_keeps_torch_passes(monkeypatch):
     monkeypatch.setenv(_sense_kernels.ENV_VAR, "off")
     assert _sense_kernels.cpu_combine(maps, y, check=True) is None
     torch.testing.assert_close(op.A_adjoint(y), fused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _cpu_spmm.available(), reason="numba is not installed")
+def test_cpu_passes_broadcast_against_torch():
+    """The CPU product with batched maps and one shared image (and the reverse), the CPU mask
+    with a per-sample and a shared mask, in place and into a fresh tensor."""
+    import torch
+    from fedrecon.operators import _sense_kernels
+    from fedrecon.operators.mri import _checkerboard
+
+    gen = torch.Generator().manual_seed(2)
+    chk = _checkerboard(8, 10, 1.0, torch.float64, torch.device("cpu"))
+    for maps_lead, x_lead in (((2,), ()), ((), (2,)), ((2,), (2,))):
+        maps = torch.randn(*maps_lead, 3, 8, 10, dtype=torch.complex128, generator=gen)
+        x = torch.randn(*x_lead, 8, 10, dtype=torch.complex128, generator=gen)
+        out = torch.empty(2, 3, 8, 10, dtype=torch.complex128)
+        assert _sense_kernels.cpu_product(maps, x, True, out) is out
+        torch.testing.assert_close(out, maps * (x * chk).unsqueeze(-3), rtol=1e-13, atol=1e-13)
+    y = torch.randn(2, 3, 8, 10, dtype=torch.complex64, generator=gen)
+    for m in (torch.rand(2, 1, 1, 10, generator=gen), torch.rand(1, 8, 10, generator=gen)):
+        m = m.to(torch.complex64)
+        torch.testing.assert_close(_sense_kernels.cpu_mask(y, m), y * m)
+        inplace = y.clone()
+        assert _sense_kernels.cpu_mask(inplace, m, out=inplace) is inplace
+        torch.testing.assert_close(inplace, y * m)
+    # a mask that would add dims, or maps of another batch: not taken
+    assert _sense_kernels.cpu_mask(y[0], torch.rand(2, 1, 8, 10).to(torch.complex64)) is None
+    assert _sense_kernels.cpu_product(torch.randn(3, 3, 8, 10, dtype=torch.complex64), y[:, 0],
+                                      True, torch.empty(2, 3, 8, 10, dtype=torch.complex64)) is None
