@@ -1,17 +1,20 @@
-"""Fused kernels for the SENSE operator's elementwise passes: Triton on CUDA (complex64), and
-a numba coil combine on the CPU (complex64 and complex128).
+"""Fused kernels for the SENSE operator's elementwise passes: Triton on CUDA (complex64), numba
+on the CPU (complex64 and complex128).
 
 Measured on an H200 (B=4, 15 coils, 320^2): torch's coil combine ``(conj(S) * z).sum(-3)``
 runs three kernels (materialising ``conj(S)``, the product, the reduction: 72 us) where one
 pass over ``S`` and ``z`` suffices; the image-side checkerboard of the fast path is one more
 launch on each side; and a zero-filled k-space written column by column with
 ``index_copy_`` took 53 us + 12 us for the fill. On the 2-core CPU, the combine as one
-``addcmul_`` per coil took 15.5 ms with the checkerboard, the fused pass 8 ms. Here:
+``addcmul_`` per coil took 15.5 ms with the checkerboard, the fused pass 8 ms; and scipy's FFT
+runs slower right after a torch op (torch's OpenMP workers keep spinning, see ``cpu_ready``),
+so the CPU paths around it avoid torch ops altogether. Here:
 
 * ``coil_product(maps, x, check)``: ``maps * x[:, None] * c`` (``c`` the checkerboard when
   ``check``) in one pass;
-* ``coil_combine(maps, z, check)``: ``sum_c conj(maps_c) * z_c * c`` in one pass
-  (``cpu_combine``: the same on the CPU, without autograd);
+* ``coil_combine(maps, z, check)``: ``sum_c conj(maps_c) * z_c * c`` in one pass;
+* on the CPU, without autograd: ``cpu_product``, ``cpu_combine`` and ``cpu_mask`` (the mask
+  multiply, in place or into a given buffer);
 * ``scatter_columns(zs, pos, width)`` (Triton only): the ``(..., H, W)`` array with ``zs``'s
   columns at the positions where ``pos >= 0`` (``pos[w]`` = the column of ``zs``), zeros
   elsewhere, in one write pass.
@@ -21,8 +24,9 @@ vice versa; of the scatter, the gather of the columns), for inputs whose coil ma
 require grad. Complex data are read as interleaved real pairs: on the GPU ``(BLOCK, 2)``
 tiles split into real and imaginary parts in registers; on the CPU blocks of ``_CPU_BLOCK``
 pixels accumulated in a small buffer (L1-resident) over the coils, with LLVM's SLP vectoriser
-(``_cpu_spmm.compile_slp``), on plain Python threads (``_cpu_spmm.run_split``). A CPU coil
-product was measured slower than torch's (9.6-10.7 vs 7.2 ms) and is not kept. The Triton
+(``_cpu_spmm.compile_slp``), on plain Python threads (``_cpu_spmm.run_split``). Alone the
+CPU product and mask are slower than torch's (9.6-10.7 vs 7.2 ms, 7.9 vs 5.5 ms); they pay
+only where they keep torch out of a chain with scipy's FFT (A^H, A^H A). The Triton
 kernels also run under Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) for the
 tests. ``FEDRECON_SENSE_KERNELS=off`` keeps torch's passes everywhere.
 """

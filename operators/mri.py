@@ -24,7 +24,9 @@ On CUDA (complex64) the coil product and the coil combine are single fused passe
 image-side checkerboard inside (``_sense_kernels``), and the FFTs run unnormalised with their
 orthonormal scale folded into the mask: what is left besides the FFT is one pass each for
 the coil product, the mask and the combine (measured on an H200: A + A^H 1.29x the GPU time
-of a bare orthonormal fft2 + ifft2 of the coil data; docs/benchmarks.md).
+of a bare orthonormal fft2 + ifft2 of the coil data; docs/benchmarks.md). On the CPU, without
+an autograd graph, ``A^H`` and ``A^H A`` run a reused scratch buffer through scipy's in-place
+FFT with the numba passes of ``_sense_kernels`` around it and no torch op in between.
 
 Masks that sample whole columns (fastMRI's 1D masks) may take a *split* path, opt-in with
 ``FEDRECON_MRI_SPLIT=on``: the FFT along ``W`` over all the coil data, then the FFT along
