@@ -115,3 +115,19 @@ def test_wide_matrix_chunk_offsets(monkeypatch, chunk_bytes):
     got = _cpu_spmm.matmul(mat, x)
     assert _rel(got, coo.to_dense() @ x) < 1e-12
     assert _cpu_spmm.chunked(mat)[4] <= 1 << 16
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_counts(dense_ref, cpu_kernel, threads):
+    """One row range (no parallel team) and more ranges than numba has threads give the same
+    products (``_cpu_spmm.run_parallel``)."""
+    op = _ops()["fan"]
+    y = torch.randn(8, *op.range_shape, dtype=torch.float64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert len(_cpu_spmm._row_split(op.matrices(torch.float64)[1])) == threads + 1
+        assert _rel(op.A_adjoint(y), dense_ref(op, y, True)) < 1e-12
+    finally:
+        torch.set_num_threads(old)
+    assert torch.get_num_threads() == old
