@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["CHUNK_BYTES", "ENV_VAR", "MIN_NNZ", "available", "chunked", "compile_slp", "matmul",
-           "pack16", "product", "run_parallel", "run_split", "unpack_split16", "unpack_sum16", "use_kernel",
-           "workspace"]
+           "pack16", "product", "release_workspace", "run_parallel", "run_split", "switched_off",
+           "unpack_split16", "unpack_sum16", "use_kernel", "workspace"]
 
 LANES = 8
 CHUNK_BYTES = 3 << 17  # 384 KiB of gathered dense rows per column chunk (L2 is 512 KiB here)
@@ -61,6 +61,12 @@ _OFF = {"off", "0", "false", "no", "none"}
 _DTYPES = (torch.float32, torch.float64)
 _LOCK = threading.Lock()  # guards the compilation's switch of a numba-wide setting
 _STATE: dict[str, object] = {}
+
+
+def switched_off(env_var: str) -> bool:
+    """Whether the environment variable ``env_var`` turns a fast path off ("off", "0",
+    "false", "no" or "none", any case; read at every call)."""
+    return os.environ.get(env_var, "").strip().lower() in _OFF
 
 
 def _spmm_source(lanes: int) -> str:
@@ -288,12 +294,17 @@ def chunked(mat: Tensor, lanes: int = LANES) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _row_split(mat: Tensor) -> list[int]:
-    """Row boundaries giving each of ``torch.get_num_threads()`` threads equal entries."""
-    crow = mat.crow_indices()
+    """Row boundaries giving each of ``torch.get_num_threads()`` threads equal entries,
+    memoised on the matrix per thread count."""
     n = max(1, min(torch.get_num_threads(), mat.shape[0]))
-    targets = torch.arange(1, n, dtype=crow.dtype) * (int(crow[-1]) // n)
-    inner = torch.searchsorted(crow, targets).tolist()
-    return [0, *inner, mat.shape[0]]
+    memo = getattr(mat, "_fedrecon_row_split", None)
+    if memo is None:
+        memo = mat._fedrecon_row_split = {}
+    if n not in memo:
+        crow = mat.crow_indices()
+        targets = torch.arange(1, n, dtype=crow.dtype) * (int(crow[-1]) // n)
+        memo[n] = [0, *torch.searchsorted(crow, targets).tolist(), mat.shape[0]]
+    return memo[n]
 
 
 def run_split(kernel, args: tuple, bounds: list[int]) -> None:
@@ -361,8 +372,14 @@ def workspace(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         bufs = _LOCAL.bufs = {}
     buf = bufs.get(name)
     if buf is None or buf.shape != shape or buf.dtype != dtype:
+        bufs.pop(name, None)  # the old one goes first: one buffer per name at any time
         buf = bufs[name] = np.empty(shape, dtype=dtype)
     return buf
+
+
+def release_workspace(name: str) -> None:
+    """Free this thread's ``workspace`` buffer ``name`` (a no-op when there is none)."""
+    getattr(_LOCAL, "bufs", {}).pop(name, None)
 
 
 def use_kernel(mat: Tensor, x: Tensor) -> bool:
@@ -371,19 +388,17 @@ def use_kernel(mat: Tensor, x: Tensor) -> bool:
     return (mat.device.type == "cpu" and x.device.type == "cpu" and x.ndim == 2
             and mat.layout == torch.sparse_csr and x.dtype in _DTYPES
             and mat.dtype == x.dtype
-            and mat._nnz() >= MIN_NNZ and available()
-            and os.environ.get(ENV_VAR, "").strip().lower() not in _OFF)
+            and mat._nnz() >= MIN_NNZ and available() and not switched_off(ENV_VAR))
 
 
 def matmul(mat: Tensor, x: Tensor) -> Tensor:
     """``mat @ x`` for a CSR ``mat (M, N)`` and a dense ``x (N, B)`` of any strides: the
     kernel where it applies (``use_kernel``), else torch's product.
 
-    The copies and allocations around the kernel are numpy's, not torch's: a torch op run
-    just before leaves torch's OpenMP workers spinning on the cores the kernel's threads
-    need (measured: 2-thread products ~8 ms slower of ~14), and numpy's transposes of these
-    shapes take 0.4-0.7 ms where torch's took 2 ms. The result is returned as the transpose
-    of a contiguous ``(B, M)`` array, the layout the projectors reshape into.
+    The copies and allocations around the kernel are numpy's, not torch's: numpy's
+    transposes of these shapes take 0.4-0.7 ms where torch's took 2 ms. The result is
+    returned as the transpose of a contiguous ``(B, M)`` array, the layout the projectors
+    reshape into.
     """
     if not use_kernel(mat, x):
         return mat @ x.contiguous()
@@ -418,9 +433,11 @@ def product(mat: Tensor, lanes: np.ndarray, out: np.ndarray | None = None) -> np
     else:
         out.fill(0)
     bounds = _row_split(mat)
+    kernel = None
     for k in range(lanes.shape[0]):
         args = (crow, col, val, lanes[k].reshape(-1), out[k].reshape(-1), n_rows, width)
-        run_parallel(_compiled((*args, 0, 0), n_lanes), args, bounds)
+        kernel = kernel or _compiled((*args, 0, 0), n_lanes)  # the blocks share one signature
+        run_parallel(kernel, args, bounds)
     return out
 
 

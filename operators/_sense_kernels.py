@@ -33,8 +33,6 @@ tests. ``FEDRECON_SENSE_KERNELS=off`` keeps torch's passes everywhere.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -133,7 +131,7 @@ def cpu_ready(*ts: Tensor) -> bool:
     dtype = ts[0].dtype
     return (all(t.device.type == "cpu" and t.dtype == dtype for t in ts)
             and dtype in (torch.complex64, torch.complex128) and _cpu_spmm.available()
-            and os.environ.get(ENV_VAR, "").strip().lower() not in _cpu_spmm._OFF)
+            and not _cpu_spmm.switched_off(ENV_VAR))
 
 
 def _cpu_run(name: str, fn, args: tuple, n_tasks: int) -> None:
@@ -277,7 +275,7 @@ def supported(maps: Tensor, t: Tensor, coil_dim: bool) -> bool:
     if not (t.dtype == maps.dtype == torch.complex64 and t.device == maps.device
             and available(t.device)):
         return False
-    if os.environ.get(ENV_VAR, "").strip().lower() in _cpu_spmm._OFF:
+    if _cpu_spmm.switched_off(ENV_VAR):
         return False
     if torch.is_grad_enabled() and maps.requires_grad:
         return False

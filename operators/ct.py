@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -383,8 +382,8 @@ class _QuarterTurn:
 def _quarter_turn(geom: CTGeometry, mat: Tensor, x: Tensor) -> _QuarterTurn | None:
     """The verified quarter-turn split of ``mat`` (memoised on it) when the CPU kernel runs
     ``mat``'s products for ``x`` (``_cpu_spmm.use_kernel``), else None."""
-    env = os.environ.get(QUARTER_ENV_VAR, "").strip().lower()
-    if not (QUARTER_TURN and env not in _cpu_spmm._OFF and _cpu_spmm.use_kernel(mat, x)):
+    if not (QUARTER_TURN and not _cpu_spmm.switched_off(QUARTER_ENV_VAR)
+            and _cpu_spmm.use_kernel(mat, x)):
         return None
     qt = getattr(mat, "_fedrecon_quarter", None)
     if qt is None:

@@ -40,7 +40,6 @@ sampled fraction of columns it takes.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,7 +48,7 @@ import scipy.fft
 import torch
 from torch import Tensor
 
-from . import _sense_kernels
+from . import _cpu_spmm, _sense_kernels
 from ._checks import (
     as_image_size,
     check_complex,
@@ -151,6 +150,14 @@ def _column_support(mask: Tensor, w: int, device: torch.device | None = None) ->
     return cols if device is None else cols.to(device)
 
 
+def _norm(inverse: bool, fold: bool) -> str:
+    """torch's ``norm`` for an (inverse) FFT: orthonormal, or unscaled with ``fold`` (the
+    scale then sits in the mask, ``_CartesianMRI._fold``)."""
+    if not fold:
+        return "ortho"
+    return "forward" if inverse else "backward"
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     if x.is_complex():
         return x.dtype
@@ -206,29 +213,23 @@ def _coil_combine(maps: Tensor, z: Tensor) -> Tensor:
     return out
 
 
-_SCRATCH = threading.local()
+_SCRATCH = "mri_scratch"  # this module's ``_cpu_spmm.workspace`` buffer
 
 
 def _scratch(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """A per-thread CPU buffer of ``shape`` and ``dtype``, reused from call to call.
+    """A per-thread CPU buffer of ``shape`` and ``dtype``, reused from call to call
+    (``_cpu_spmm.workspace``: one shape at a time, bounded memory).
 
     Fresh coil-sized CPU allocations are page-faulted in on every call, which costs as much
-    as the FFT itself; one buffer per shape is kept (its contents never escape a call).
+    as the FFT itself; the buffer's contents never escape a call.
     """
-    key = (tuple(shape), dtype)
-    pool = getattr(_SCRATCH, "pool", None)
-    if pool is None:
-        pool = _SCRATCH.pool = {}
-    buf = pool.get(key)
-    if buf is None:
-        pool.clear()  # one shape at a time: bounded memory
-        buf = pool[key] = torch.empty(key[0], dtype=dtype)
-    return buf
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(_cpu_spmm.workspace(_SCRATCH, tuple(shape), np_dtype))
 
 
 def clear_scratch() -> None:
-    """Release this thread's reusable MRI buffers."""
-    _SCRATCH.pool = {}
+    """Release this thread's reusable MRI buffer."""
+    _cpu_spmm.release_workspace(_SCRATCH)
 
 
 def _fft2_inplace(buf: Tensor, inverse: bool = False) -> Tensor:
@@ -329,12 +330,12 @@ class _CartesianMRI(LinearOperator):
         unnormalised with ``fold``."""
         if not self._fast:
             return fft2c(z)
-        return torch.fft.fft2(z, dim=_DIMS, norm="backward" if fold else "ortho")
+        return torch.fft.fft2(z, dim=_DIMS, norm=_norm(False, fold))
 
     def _adj_fft(self, z: Tensor, fold: bool = False) -> Tensor:
         if not self._fast:
             return ifft2c(z)
-        return torch.fft.ifft2(z, dim=_DIMS, norm="forward" if fold else "ortho")
+        return torch.fft.ifft2(z, dim=_DIMS, norm=_norm(True, fold))
 
     def kspace_path(self, device: torch.device | str | None = None) -> str:
         """``"split"`` or ``"full"``: the path ``A``, ``A^H`` and ``A^H A`` take on ``device``
@@ -361,8 +362,7 @@ class _CartesianMRI(LinearOperator):
         fast path (the checkerboards fold the shifts), centered otherwise."""
         fn = torch.fft.ifft if inverse else torch.fft.fft
         if self._fast:
-            norm = ("forward" if inverse else "backward") if fold else "ortho"
-            return fn(z, dim=dim, norm=norm)
+            return fn(z, dim=dim, norm=_norm(inverse, fold))
         return torch.fft.fftshift(fn(torch.fft.ifftshift(z, dim), dim=dim, norm="ortho"), dim)
 
     def _split(self, z: Tensor, cols: Tensor, forward: bool, adjoint: bool) -> Tensor:
@@ -389,7 +389,7 @@ class _CartesianMRI(LinearOperator):
         if z.dtype == torch.complex64 and _sense_kernels.available(z.device):
             # one write pass (index_copy_ into zeros: 53 + 12 us on an H200 for 4 x 15 x 320^2)
             pos = self._memo(("split_pos", str(z.device)), lambda: torch.full(
-                (w,), -1, dtype=torch.int32, device=z.device).index_fill_(0, cols, 0).index_copy_(
+                (w,), -1, dtype=torch.int32, device=z.device).index_copy_(
                 0, cols, torch.arange(cols.numel(), dtype=torch.int32, device=z.device)))
             full = _sense_kernels.scatter_columns(z, cols, pos)
         else:

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from fedrecon.operators import MultiCoilMRI, RandomMask, _sense_kernels, birdcage_maps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_operators import timeit  # a sibling script
 
 
 def enqueue_and_pipelined(fn, calls: int = 50) -> tuple[float, float]:
@@ -26,17 +31,6 @@ def enqueue_and_pipelined(fn, calls: int = 50) -> tuple[float, float]:
         enq.append((t1 - t0) / calls)
         pipe.append((time.perf_counter() - t0) / calls)
     return 1e3 * statistics.median(enq), 1e3 * min(pipe)
-
-
-def synced(fn, reps: int = 30) -> float:
-    ts = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
 
 
 def main() -> None:
@@ -64,14 +58,14 @@ def main() -> None:
         setup()
         for call, fn in (("A", lambda: op(x)), ("A^H", lambda: op.A_adjoint(y))):
             e, p = enqueue_and_pipelined(fn)
-            print(f"| {name} | {call} | {e:.3f} | {p:.3f} | {synced(fn):.3f} |")
+            print(f"| {name} | {call} | {e:.3f} | {p:.3f} | {1e3 * timeit(fn, 30, dev):.3f} |")
     _sense_kernels.supported = supported
     os.environ.pop(_sense_kernels.ENV_VAR, None)
     for name, fn in (("Triton product launch alone", lambda: _sense_kernels._launch_product(
             op.coil_maps, x, True)), ("torch maps * x alone", lambda: op.coil_maps * x.unsqueeze(-3)),
             ("fft2 alone", lambda: torch.fft.fft2(y, norm="ortho"))):
         e, p = enqueue_and_pipelined(fn)
-        print(f"| {name} | | {e:.3f} | {p:.3f} | {synced(fn):.3f} |")
+        print(f"| {name} | | {e:.3f} | {p:.3f} | {1e3 * timeit(fn, 30, dev):.3f} |")
 
 
 if __name__ == "__main__":

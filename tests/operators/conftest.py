@@ -66,6 +66,19 @@ _INTERPRETER_PREAMBLE = textwrap.dedent('''
 
 
 @pytest.fixture
+def assert_adjoint():
+    """``assert_adjoint(op)``: ``<A x, y> = <x, A^T y>`` to 1e-12 in float64 for a batch of 5
+    random pairs."""
+    def check(op) -> None:
+        x = torch.randn(5, *op.domain_shape, dtype=torch.float64)
+        y = torch.randn(5, *op.range_shape, dtype=torch.float64)
+        lhs = (op.A(x) * y).sum()
+        rhs = (x * op.A_adjoint(y)).sum()
+        assert abs(float(lhs - rhs)) <= 1e-12 * float(lhs.abs() + rhs.abs())
+    return check
+
+
+@pytest.fixture
 def run_interpreted():
     """Run a script in a fresh process, by default under Triton's interpreter
     (``TRITON_INTERPRET=1``, set before Triton is imported); it must print ``ok`` last."""
