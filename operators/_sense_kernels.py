@@ -39,8 +39,9 @@ from torch import Tensor
 
 from . import _cpu_spmm, _triton_ct
 
-__all__ = ["ENV_VAR", "available", "coil_combine", "coil_product", "cpu_combine", "cpu_mask",
-           "cpu_product", "cpu_ready", "scatter_columns", "supported"]
+__all__ = ["ENV_VAR", "available", "coil_combine", "coil_product", "cpu_combine",
+           "cpu_gather_columns", "cpu_mask", "cpu_product", "cpu_ready", "cpu_scatter_columns",
+           "scatter_columns", "supported"]
 
 ENV_VAR = "FEDRECON_SENSE_KERNELS"  # "off": torch's passes
 
@@ -122,6 +123,29 @@ def _cpu_combine(s, z, out, n_coils, n_pix, width, maps_bstride, check, t0, t1):
             out[ob + 2 * k + 1] = acc[2 * k + 1] * sign
 
 
+def _cpu_gather(y, cols, wts, out, n_sel, width, rows_per_sample, height, w_bstride,
+                w_pstride, t0, t1):  # pragma: no cover - numba
+    """Rows ``t0 <= r < t1`` of ``y (R, width)`` at the columns ``cols`` into ``out (R, n_sel)``,
+    times ``wts[parity * w_pstride + sample * w_bstride + j]`` (``parity`` of the row within
+    its image, so that a sign alternating along ``H`` needs no multiply; 0 strides: shared)."""
+    for r in range(t0, t1):
+        wb = (r // rows_per_sample) * w_bstride + ((r % height) % 2) * w_pstride
+        yb, ob = r * width, r * n_sel
+        for j in range(n_sel):
+            out[ob + j] = y[yb + cols[j]] * wts[wb + j]
+
+
+def _cpu_scatter(g, cols, out, n_sel, width, t0, t1):  # pragma: no cover - numba
+    """Rows ``t0 <= r < t1``: ``out (R, width)`` zero but at the columns ``cols``, which take
+    the row of ``g (R, n_sel)`` (each output row is written once, while it is in L1)."""
+    for r in range(t0, t1):
+        gb, ob = r * n_sel, r * width
+        for k in range(width):
+            out[ob + k] = 0
+        for j in range(n_sel):
+            out[ob + cols[j]] = g[gb + j]
+
+
 def cpu_ready(*ts: Tensor) -> bool:
     """Whether the CPU kernels take ``ts``: on the CPU, one complex dtype, numba importable,
     not switched off (``FEDRECON_SENSE_KERNELS=off``). They run without autograd, for the SENSE
@@ -192,6 +216,35 @@ def cpu_combine(maps: Tensor, z: Tensor, check: bool) -> Tensor | None:
     out = torch.empty((*z.shape[:-3], h, w), dtype=z.dtype)
     _cpu_run("combine", _cpu_combine, (*_reals(maps, z, out), c, h * w, w, stride, check),
              nb * -(-(h * w) // _CPU_BLOCK))
+    return out
+
+
+def cpu_gather_columns(y: Tensor, cols: np.ndarray, weights: Tensor, out: np.ndarray,
+                       rows_per_sample: int) -> np.ndarray | None:
+    """``out[..., r, j] = y[..., r, cols[j]] * weights[row parity, sample, j]`` on the CPU for
+    a contiguous ``y (..., W)`` and ``out (..., len(cols))`` (same dtype); ``weights`` is
+    ``(P, S, n)`` with ``P`` 1 or 2 (by the parity of the row within an image of ``height =
+    rows_per_sample`` rows when 2, see ``cpu_scatter_columns``) and ``S`` 1 (shared) or the
+    number of samples (``rows_per_sample`` rows each). None where it does not apply."""
+    n = len(cols)
+    if not cpu_ready(y, weights) or not y.is_contiguous() or out.dtype != y.numpy().dtype:
+        return None
+    p, s = weights.shape[:2]
+    rows = y.numel() // y.shape[-1]
+    w = weights.detach().resolve_conj().contiguous().numpy().reshape(-1)
+    _cpu_run("gather", _cpu_gather, (y.numpy().reshape(-1), cols, w, out.reshape(-1), n,
+                                     y.shape[-1], rows_per_sample, y.shape[-2],
+                                     n if s > 1 else 0, s * n if p > 1 else 0), rows)
+    return out
+
+
+def cpu_scatter_columns(g: np.ndarray, cols: np.ndarray, out: Tensor) -> Tensor | None:
+    """``out (..., W)`` zero but ``out[..., cols] = g (..., len(cols))``, on the CPU, each row
+    written once; None where it does not apply."""
+    if not cpu_ready(out) or not out.is_contiguous() or out.numpy().dtype != g.dtype:
+        return None
+    _cpu_run("scatter", _cpu_scatter, (g.reshape(-1), cols, out.numpy().reshape(-1), len(cols),
+                                       out.shape[-1]), out.numel() // out.shape[-1])
     return out
 
 

@@ -28,13 +28,25 @@ of a bare orthonormal fft2 + ifft2 of the coil data; docs/benchmarks.md). On the
 an autograd graph, ``A^H`` and ``A^H A`` run a reused scratch buffer through scipy's in-place
 FFT with the numba passes of ``_sense_kernels`` around it and no torch op in between.
 
-Masks that sample whole columns (fastMRI's 1D masks) may take a *split* path, opt-in with
-``FEDRECON_MRI_SPLIT=on``: the FFT along ``W`` over all the coil data, then the FFT along
-``H`` over the sampled columns only, the rest of k-space left zero (``A^H`` mirrors it). It
-saves 3/4 of the ``H``-FFT at 4x acceleration but was measured slower than the full path on
-both machines tried (the gather and the zero-filled scatter cost more: H200 A 0.25 vs 0.13
-ms, 2-core CPU 84 vs 53 ms), so it is off by default. :data:`SPLIT_MAX_FRACTION` bounds the
-sampled fraction of columns it takes.
+Masks whose rows are all the same (fastMRI's 1D masks of columns) take shorter paths, chosen
+by ``FEDRECON_MRI_SPLIT`` (``auto``, the default; ``on``; ``off``: the full 2D FFTs always):
+
+- ``A^H A`` (``auto``, ``on``): such a mask commutes with the FFT along ``H``, so in
+  ``F^H M^2 F`` the ``H``-transforms cancel and only the FFTs along ``W`` run: exact, half
+  the FFT work, on every device and through autograd (CPU, B=4, 15 coils, 320^2: 63 vs 88 ms
+  without a graph).
+- ``A^H`` on the CPU without an autograd graph (``auto``, ``on``; even sizes, at most
+  :data:`SPLIT_MAX_FRACTION` of the columns sampled): the sampled columns times the mask
+  gathered, the inverse FFT along ``H`` over them only, scattered into the zero-filled
+  scratch buffer, the inverse FFT along ``W`` (numba passes and scipy's in-place FFTs; 40
+  vs 45 ms, 81 of 320 columns).
+- The *split* path of ``A`` and ``A^H`` in torch (``on`` only): the FFT along ``W`` over all
+  the coil data, then the FFT along ``H`` over the sampled columns only, the rest of k-space
+  left zero (``A^H`` mirrors it). It works with autograd and on CUDA but was measured slower
+  than the full path on both machines tried (the gather and the zero-filled scatter cost
+  more: H200 A 0.25 vs 0.13 ms, 2-core CPU 84 vs 53 ms). ``A`` on the CPU gains nothing from
+  the numba version either (a fresh, zero-filled result costs a page-faulting pass of its
+  own: 46-48 vs 47 ms).
 """
 
 from __future__ import annotations
@@ -66,9 +78,9 @@ __all__ = ["SPLIT_ENV_VAR", "SPLIT_MAX_FRACTION", "MultiCoilMRI", "SingleCoilMRI
 
 _DIMS = (-2, -1)
 
-SPLIT_ENV_VAR = "FEDRECON_MRI_SPLIT"  # on / off (default)
-# the split path only while at most this fraction of the columns is sampled: beyond it the
-# saved H-FFT work no longer pays for the gather and scatter
+SPLIT_ENV_VAR = "FEDRECON_MRI_SPLIT"  # auto (default) / on / off
+# the sampled-columns paths of A and A^H only while at most this fraction of the columns is
+# sampled: beyond it the saved H-FFT work no longer pays for the gather and scatter
 SPLIT_MAX_FRACTION = 0.5
 
 
@@ -133,18 +145,27 @@ def _checkerboard(h: int, w: int, sign: float, dtype: torch.dtype, device: torch
 
 
 def split_mode() -> str:
-    """``FEDRECON_MRI_SPLIT`` as ``"on"`` or ``"off"`` (the default; read at every call)."""
+    """``FEDRECON_MRI_SPLIT`` as ``"auto"`` (the default), ``"on"`` or ``"off"`` (read at
+    every call; see the module docstring)."""
     env = os.environ.get(SPLIT_ENV_VAR, "").strip().lower()
-    return "on" if env in ("on", "1", "true", "yes") else "off"
+    if env in ("on", "1", "true", "yes"):
+        return "on"
+    return "off" if env in ("off", "0", "false", "no") else "auto"
+
+
+def _same_rows(mask: Tensor) -> Tensor | None:
+    """``mask (..., h, w)``'s first row ``(..., 1, w)`` when every row equals it (a 1D mask
+    of columns, possibly weighted), else None."""
+    if mask.shape[-2] > 1 and not bool((mask == mask[..., :1, :]).all()):
+        return None
+    return mask[..., :1, :]
 
 
 def _column_support(mask: Tensor, w: int, device: torch.device | None = None) -> Tensor | None:
     """The sorted indices (on ``device``) of the columns ``mask (..., h, w)`` samples (non-zero
     for some leading index), or None when the mask is not column-structured (``w != W``, or
     its rows differ along ``H``)."""
-    if mask.shape[-1] != w:
-        return None
-    if mask.shape[-2] > 1 and not bool((mask == mask[..., :1, :]).all()):
+    if mask.shape[-1] != w or _same_rows(mask) is None:
         return None
     cols = (mask[..., 0, :] != 0).reshape(-1, w).any(dim=0).nonzero().flatten()
     return cols if device is None else cols.to(device)
@@ -213,7 +234,12 @@ def _coil_combine(maps: Tensor, z: Tensor) -> Tensor:
     return out
 
 
-_SCRATCH = "mri_scratch"  # this module's ``_cpu_spmm.workspace`` buffer
+_SCRATCH = "mri_scratch"  # this module's ``_cpu_spmm.workspace`` buffers: coil-sized
+_COLUMNS = "mri_columns"  # the sampled columns of coil data (``_adjoint_columns``)
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def _scratch(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -223,26 +249,29 @@ def _scratch(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     Fresh coil-sized CPU allocations are page-faulted in on every call, which costs as much
     as the FFT itself; the buffer's contents never escape a call.
     """
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    return torch.from_numpy(_cpu_spmm.workspace(_SCRATCH, tuple(shape), np_dtype))
+    return torch.from_numpy(_cpu_spmm.workspace(_SCRATCH, tuple(shape), _np_dtype(dtype)))
 
 
 def clear_scratch() -> None:
-    """Release this thread's reusable MRI buffer."""
+    """Release this thread's reusable MRI buffers."""
     _cpu_spmm.release_workspace(_SCRATCH)
+    _cpu_spmm.release_workspace(_COLUMNS)
 
 
-def _fft2_inplace(buf: Tensor, inverse: bool = False) -> Tensor:
-    """Orthonormal (i)fft2 over the last two dims of a contiguous CPU ``buf``, in place.
+def _fft_inplace(buf: Tensor | np.ndarray, inverse: bool = False,
+                 axes: tuple[int, ...] = _DIMS) -> Tensor | np.ndarray:
+    """Orthonormal (i)FFT over ``axes`` (default: the last two) of a contiguous CPU ``buf``
+    (tensor or array), in place.
 
     torch's CPU FFT with ``out=`` (or into its own input) computes into a temporary and
     copies back (~1.2x a fresh-output FFT of coil-sized data here); scipy's pocketfft
     transforms in place, so a scratch buffer that is already paged in is reused at no extra
     memory pass. Only for buffers whose contents never escape a call.
     """
-    fn = scipy.fft.ifft2 if inverse else scipy.fft.fft2
-    arr = buf.numpy()
-    out = fn(arr, norm="ortho", workers=max(1, torch.get_num_threads()), overwrite_x=True)
+    fn = scipy.fft.ifftn if inverse else scipy.fft.fftn
+    arr = buf.numpy() if isinstance(buf, Tensor) else buf
+    out = fn(arr, axes=axes, norm="ortho", workers=max(1, torch.get_num_threads()),
+             overwrite_x=True)
     if not np.may_share_memory(out, arr):
         arr[...] = out  # pocketfft declined to overwrite (never seen for contiguous c64/c128)
     return buf
@@ -325,21 +354,50 @@ class _CartesianMRI(LinearOperator):
         return self._memo(("icheck", rdtype, str(device)),
                           lambda: _checkerboard(h, w, 1.0, rdtype, device))
 
-    def _fwd_fft(self, z: Tensor, fold: bool = False) -> Tensor:
+    def _fwd_fft(self, z: Tensor, fold: bool = False, w_only: bool = False) -> Tensor:
         """``F`` (centered) on the slow path, ``fft2`` (shifts folded elsewhere) on the fast;
-        unnormalised with ``fold``."""
+        unnormalised with ``fold``; along ``W`` only with ``w_only``."""
+        if w_only:
+            return self._fft1(z, -1, False, fold)
         if not self._fast:
             return fft2c(z)
         return torch.fft.fft2(z, dim=_DIMS, norm=_norm(False, fold))
 
-    def _adj_fft(self, z: Tensor, fold: bool = False) -> Tensor:
+    def _adj_fft(self, z: Tensor, fold: bool = False, w_only: bool = False) -> Tensor:
+        if w_only:
+            return self._fft1(z, -1, True, fold)
         if not self._fast:
             return ifft2c(z)
         return torch.fft.ifft2(z, dim=_DIMS, norm=_norm(True, fold))
 
+    def _normal_mask(self, dtype: torch.dtype, device: torch.device,
+                     fold: bool) -> tuple[Tensor, bool]:
+        """The mask of ``A^H A`` and whether its FFTs run along ``W`` only (``w_only``).
+
+        A mask whose rows are all the same (fastMRI's 1D masks) commutes with the FFT along
+        ``H``, so in ``F^H M^2 F`` the two ``H``-transforms cancel: ``A^H A`` needs the FFTs
+        along ``W`` only (half the FFT work, exact). ``M^2`` then comes as its first row
+        ``(..., 1, W)`` (times ``1/W`` with ``fold``). Not with ``FEDRECON_MRI_SPLIT=off``.
+        """
+        def build() -> Tensor | None:
+            rows = _same_rows(self.mask)
+            if rows is None:
+                return None
+            m = rows.to(device=device, dtype=torch.empty((), dtype=dtype).real.dtype)
+            m = m * m * (1.0 / self.domain_shape[1] if fold else 1.0)
+            return m.to(dtype)
+
+        if split_mode() != "off":
+            rows = self._memo(("normal_rows", dtype, str(device), fold), build)
+            if rows is not None:
+                return rows, True
+        return self._kmask(dtype, device, square=True, fold=fold), False
+
     def kspace_path(self, device: torch.device | str | None = None) -> str:
-        """``"split"`` or ``"full"``: the path ``A``, ``A^H`` and ``A^H A`` take on ``device``
-        (default: the mask's) under the current ``FEDRECON_MRI_SPLIT``."""
+        """``"split"`` or ``"full"``: the torch path ``A`` and ``A^H`` take on ``device``
+        (default: the mask's) under the current ``FEDRECON_MRI_SPLIT`` (``"split"`` only with
+        ``on``; ``A^H A`` along ``W`` and the CPU's sampled-columns ``A^H`` are chosen apart,
+        see the module docstring)."""
         device = self.mask.device if device is None else torch.device(device)
         return "full" if self._split_columns(device) is None else "split"
 
@@ -365,23 +423,22 @@ class _CartesianMRI(LinearOperator):
             return fn(z, dim=dim, norm=_norm(inverse, fold))
         return torch.fft.fftshift(fn(torch.fft.ifftshift(z, dim), dim=dim, norm="ortho"), dim)
 
-    def _split(self, z: Tensor, cols: Tensor, forward: bool, adjoint: bool) -> Tensor:
-        """The k-space part of ``A`` (``forward``), ``A^H`` (``adjoint``) or ``A^H A`` (both)
-        on the sampled columns ``cols`` only.
+    def _split(self, z: Tensor, cols: Tensor, adjoint: bool) -> Tensor:
+        """The k-space part of ``A`` or (``adjoint``) ``A^H`` on the sampled columns ``cols``
+        only (``A^H A`` needs no ``H``-FFT at all for such masks, see ``_normal_mask``).
 
-        ``forward``: FFT along W, gather ``cols``, FFT along H; else gather ``cols`` of the
-        k-space ``z``. Then the gathered mask (``M^2`` for both), and for ``adjoint`` the
-        inverse FFT along H, scatter into zeros, inverse FFT along W; else scatter into zeros
-        (the full-size k-space ``A`` returns).
+        ``A``: FFT along W, gather ``cols``, FFT along H; ``A^H``: gather ``cols`` of the
+        k-space ``z``. Then the gathered mask, and for ``A^H`` the inverse FFT along H, scatter
+        into zeros, inverse FFT along W; for ``A`` scatter into zeros (the full-size k-space
+        it returns).
         """
         fold = self._fold(z)
-        if forward:
+        if not adjoint:
             z = self._fft1(self._fft1(z, -1, False, fold).index_select(-1, cols), -2, False, fold)
         else:
             z = z.index_select(-1, cols)
-        square = forward and adjoint
-        m = self._memo(("split_mask", z.dtype, str(z.device), square, fold),
-                       lambda: self._kmask(z.dtype, z.device, square, fold).index_select(-1, cols))
+        m = self._memo(("split_mask", z.dtype, str(z.device), fold),
+                       lambda: self._kmask(z.dtype, z.device, False, fold).index_select(-1, cols))
         z = self._apply_mask(z, m)
         if adjoint:
             z = self._fft1(z, -2, True, fold)
@@ -492,7 +549,7 @@ class MultiCoilMRI(_CartesianMRI):
         maps = self._maps(x.dtype, x.device)
         cols = self._split_columns(x.device)
         if cols is not None:
-            return self._split(self._coils(maps, x), cols, forward=True, adjoint=False)
+            return self._split(self._coils(maps, x), cols, adjoint=False)
         fold = self._fold(x)
         m = self._kmask(x.dtype, x.device, fold=fold)
         if self._fast and _no_graph(x, maps, m):
@@ -514,42 +571,93 @@ class MultiCoilMRI(_CartesianMRI):
         check_trailing_shape("y", y, self.range_shape, owner)
         y = y.to(_compute_dtype(y))
         maps = self._maps(y.dtype, y.device)
-        cols = self._split_columns(y.device)
-        if cols is not None:
-            return self._image(maps, self._split(y, cols, forward=False, adjoint=True))
         fold = self._fold(y)
         m = self._kmask(y.dtype, y.device, fold=fold)
-        if self._fast and _no_graph(y, maps, m) and torch.broadcast_shapes(y.shape, m.shape) == y.shape:
+        scratch = (self._fast and _no_graph(y, maps, m)
+                   and torch.broadcast_shapes(y.shape, m.shape) == y.shape)
+        out = self._adjoint_columns(maps, y) if scratch else None
+        if out is not None:
+            return out
+        cols = self._split_columns(y.device)
+        if cols is not None:
+            return self._image(maps, self._split(y, cols, adjoint=True))
+        if scratch:
             # no coil-sized allocation at all, and with the CPU kernels no torch op (torch's
             # OpenMP workers keep spinning after one, slowing scipy's FFT: 50 vs 44 ms here)
             buf = _scratch(y.shape, y.dtype)
             if _sense_kernels.cpu_mask(y, m, out=buf) is None:
                 torch.mul(y, m, out=buf)
-            return self._image(maps, _fft2_inplace(buf, inverse=True), after_scipy=True)
+            return self._image(maps, _fft_inplace(buf, inverse=True), after_scipy=True)
         return self._image(maps, self._adj_fft(y * m, fold))
 
+    def _adjoint_columns(self, maps: Tensor, y: Tensor) -> Tensor | None:
+        """``A^H y`` on the CPU without autograd for a mask of at most
+        ``SPLIT_MAX_FRACTION`` of the columns (fast path; not with ``FEDRECON_MRI_SPLIT=off``):
+        the sampled columns times the mask gathered into a reused buffer, the inverse FFT
+        along ``H`` over them only, scattered into the zero-filled scratch buffer, the inverse
+        FFT along ``W``, the combine; numba passes and scipy's in-place FFTs, no torch op
+        (B=4, 15 coils, 320^2, 81 of 320 columns: 38.6 vs 44 ms for the full scratch path).
+        None where it does not apply."""
+        cols = self._sampled_columns(y.dtype)
+        if cols is None:
+            return None
+        cols, weights = cols
+        c, h, w = self.range_shape
+        lead, mlead, n = y.shape[:-3], weights.shape[1:-1], len(cols)
+        if not 0 < n <= SPLIT_MAX_FRACTION * w:
+            return None
+        if mlead != lead and mlead.numel() > 1:  # per-sample weights for every sample
+            ones = (1,) * (len(lead) - len(mlead))
+            weights = weights.reshape(2, *ones, *mlead, n).expand(2, *lead, n)
+        weights = weights.reshape(2, -1, n)
+        y = y.contiguous()
+        g = _cpu_spmm.workspace(_COLUMNS, (*y.shape[:-1], n), _np_dtype(y.dtype))
+        if _sense_kernels.cpu_gather_columns(y, cols, weights, g, rows_per_sample=c * h) is None:
+            return None
+        buf = _scratch(y.shape, y.dtype)
+        _sense_kernels.cpu_scatter_columns(_fft_inplace(g, inverse=True, axes=(-2,)), cols, buf)
+        return self._image(maps, _fft_inplace(buf, inverse=True, axes=(-1,)), after_scipy=True)
+
+    def _sampled_columns(self, dtype: torch.dtype) -> tuple[np.ndarray, Tensor] | None:
+        """For ``_adjoint_columns``: the sampled columns and the k-space mask at them on the
+        CPU, ``(2, *lead, n)`` by the parity of the row (the fast path's k-space checkerboard
+        ``s (-1)^(i + j)``); None when the mask is learned or not column-structured, or with
+        ``FEDRECON_MRI_SPLIT=off``."""
+        if self.mask.requires_grad or split_mode() == "off":
+            return None
+
+        def build() -> tuple[np.ndarray, Tensor] | None:
+            cols = _column_support(self.mask, self.domain_shape[1], torch.device("cpu"))
+            if cols is None:
+                return None
+            rdtype = torch.empty((), dtype=dtype).real.dtype
+            sign = self._sign * (1 - 2 * (cols % 2)).to(rdtype)
+            m = self.mask[..., 0, 0, :].to("cpu", rdtype).index_select(-1, cols) * sign
+            return cols.numpy().astype(np.int64), torch.stack([m, -m]).to(dtype)
+
+        return self._memo(("columns", dtype), build)
+
     def A_normal(self, x: Tensor) -> Tensor:
-        """``(..., H, W) -> (..., H, W)``: ``S^H F^H M^2 F S x`` in one pass over the coils."""
+        """``(..., H, W) -> (..., H, W)``: ``S^H F^H M^2 F S x`` in one pass over the coils
+        (FFTs along ``W`` only for a 1D column mask, ``_normal_mask``)."""
         x = self._prepare_image(x, check=False)
         maps = self._maps(x.dtype, x.device)
-        cols = self._split_columns(x.device)
-        if cols is not None:
-            return self._image(maps, self._split(self._coils(maps, x), cols, forward=True,
-                                                 adjoint=True))
         # the k-space checkerboard squares to one, so only M^2 is applied here
         fold = self._fold(x)
-        m2 = self._kmask(x.dtype, x.device, square=True, fold=fold)
+        m2, w_only = self._normal_mask(x.dtype, x.device, fold)
         if self._fast and _no_graph(x, maps, m2):
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m2.shape) == shape:
+                axes = (-1,) if w_only else _DIMS
                 buf = _scratch(shape, x.dtype)
                 if _sense_kernels.cpu_product(maps, x, True, buf) is None:
                     self._coils(maps, x, out=buf)
-                if _sense_kernels.cpu_mask(_fft2_inplace(buf), m2, out=buf) is None:
+                if _sense_kernels.cpu_mask(_fft_inplace(buf, axes=axes), m2, out=buf) is None:
                     buf.mul_(m2)
-                return self._image(maps, _fft2_inplace(buf, inverse=True), after_scipy=True)
-        k = self._fwd_fft(self._coils(maps, x), fold)
-        z = self._adj_fft(self._apply_mask(k, m2), fold)
+                return self._image(maps, _fft_inplace(buf, inverse=True, axes=axes),
+                                   after_scipy=True)
+        k = self._fwd_fft(self._coils(maps, x), fold, w_only)
+        z = self._adj_fft(self._apply_mask(k, m2), fold, w_only)
         return self._image(maps, z)
 
     def domain_support(self) -> Tensor:
@@ -605,7 +713,7 @@ class SingleCoilMRI(_CartesianMRI):
         x = self._prepare_image(x)
         cols = self._split_columns(x.device)
         if cols is not None:
-            return self._split(x, cols, forward=True, adjoint=False)
+            return self._split(x, cols, adjoint=False)
         fold = self._fold(x)
         return self._apply_mask(self._fwd_fft(x, fold), self._kmask(x.dtype, x.device, fold=fold))
 
@@ -615,7 +723,7 @@ class SingleCoilMRI(_CartesianMRI):
         y = y.to(_compute_dtype(y))
         cols = self._split_columns(y.device)
         if cols is not None:
-            return self._finish_image(self._split(y, cols, forward=False, adjoint=True))
+            return self._finish_image(self._split(y, cols, adjoint=True))
         fold = self._fold(y)
         return self._finish_image(self._adj_fft(y * self._kmask(y.dtype, y.device, fold=fold), fold))
 
@@ -626,12 +734,9 @@ class SingleCoilMRI(_CartesianMRI):
     def A_normal(self, x: Tensor) -> Tensor:
         """``ifft2c(M^2 * fft2c(x))``."""
         x = self._prepare_image(x)
-        cols = self._split_columns(x.device)
-        if cols is not None:
-            return self._finish_image(self._split(x, cols, forward=True, adjoint=True))
         fold = self._fold(x)
-        m2 = self._kmask(x.dtype, x.device, square=True, fold=fold)
-        return self._finish_image(self._adj_fft(self._fwd_fft(x, fold) * m2, fold))
+        m2, w_only = self._normal_mask(x.dtype, x.device, fold)
+        return self._finish_image(self._adj_fft(self._fwd_fft(x, fold, w_only) * m2, fold, w_only))
 
     def extra_repr(self) -> str:
         return f"image={self.domain_shape}, batch_shape={self.batch_shape}"

@@ -4,8 +4,8 @@
 
 Prints a markdown table of median wall times and the speed-up ratios. Cases (issues #2, #9):
 parallel and fan beam, batch 8, 256x256, 180 views; multi-coil SENSE, batch 4, 15 coils,
-320x320 (also with the split-FFT path of column masks forced on and off,
-``FEDRECON_MRI_SPLIT``). Geometry matrices are built once (the build time is reported separately) and
+320x320 (also with each setting of the column-mask paths, ``FEDRECON_MRI_SPLIT``
+auto / on / off, interleaved). Geometry matrices are built once (the build time is reported separately) and
 reused, as in training. ASTRA (``pip install astra-toolbox``, GPL, benchmark-only) is used
 when installed: its 2D CPU projectors, one image at a time, plus the relative difference of
 our sinograms/backprojections to ASTRA's. ``--matrix-cache`` also times building vs loading
@@ -214,7 +214,7 @@ def bench_ct(args: argparse.Namespace, device: torch.device, rows: list,
 
 def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> None:
     from fedrecon.operators import MultiCoilMRI, RandomMask, birdcage_maps
-    from fedrecon.operators.mri import SPLIT_ENV_VAR
+    from fedrecon.operators.mri import SPLIT_ENV_VAR, split_mode
 
     batch, coils, n = 4, 15, 320
     gen = torch.Generator().manual_seed(0)
@@ -246,20 +246,25 @@ def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> Non
     # the floor: one bare FFT pass over the same coil data (allocating its output, as A does)
     fft_f = timeit(lambda: torch.fft.fft2(y, norm="ortho"), args.repeats, device)
     fft_b = timeit(lambda: torch.fft.ifft2(y, norm="ortho"), args.repeats, device)
-    # the split-FFT path (column mask: H-FFT on the sampled columns only) forced on and off,
-    # the two interleaved call by call so that a varying machine load hits both alike
-    split: dict = {"on": [], "off": []}
-    for fn in (lambda: op(xd), lambda: op.A_adjoint(y), lambda: op.A_normal(xd)):
-        times: dict = {"on": [], "off": []}
+    # the paths of column masks (FEDRECON_MRI_SPLIT): auto (the default: A^H A along W only,
+    # the CPU's A^H on the sampled columns), on (plus torch's split A and A^H), off (the full
+    # 2D FFTs always), interleaved call by call so that a varying machine load hits all alike;
+    # "A^H A, autograd" is the training path (a graph recorded, forward only)
+    xg = xd.clone().requires_grad_(True)
+    cases = {"A": lambda: op(xd), "A^H": lambda: op.A_adjoint(y), "A^H A": lambda: op.A_normal(xd),
+             "A^H A, autograd": lambda: op.A_normal(xg)}
+    split: dict = {"auto": {}, "on": {}, "off": {}}
+    for name, fn in cases.items():
+        times: dict = {mode: [] for mode in split}
         for i in range(args.repeats + 1):  # the first call of each is a warm-up
             for mode in times:
                 with _env(SPLIT_ENV_VAR, mode):
                     t = _once(fn, device)
                 times[mode] += [t] if i else []
         for mode, ts in times.items():
-            split[mode].append(statistics.median(ts))
-    print(f"# SENSE mask: {mask.shape[-1]} columns, {int((mask != 0).sum())} sampled; default "
-          f"path on {device}: {op.kspace_path(device)}")
+            split[mode][name] = statistics.median(ts)
+    print(f"# SENSE mask: {mask.shape[-1]} columns, {int((mask != 0).sum())} sampled; "
+          f"{SPLIT_ENV_VAR}={split_mode()} for the rows without a mode")
     rows.append((f"SENSE A (B={batch}, {coils} coils, {n}^2)", fwd, "sigpy Sense", sp_fwd))
     rows.append(("SENSE A", fwd, "bare fft2 of (B, C, H, W)", fft_f))
     rows.append(("SENSE A^H", adj, "sigpy Sense.H", sp_adj))
@@ -268,11 +273,11 @@ def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> Non
     rows.append(("SENSE A^H A", nrm, "bare fft2 + ifft2", fft_f + fft_b))
     rows.append(("SENSE A + A^H", fwd + adj, "bare fft2 + ifft2", fft_f + fft_b))
     if device.type == "cpu":  # the fastest bare FFT here: scipy's, in place on a paged-in buffer
-        from fedrecon.operators.mri import _fft2_inplace
+        from fedrecon.operators.mri import _fft_inplace
 
         buf = y.clone()
-        sci = timeit(lambda: _fft2_inplace(buf), args.repeats, device) + timeit(
-            lambda: _fft2_inplace(buf, inverse=True), args.repeats, device)
+        sci = timeit(lambda: _fft_inplace(buf), args.repeats, device) + timeit(
+            lambda: _fft_inplace(buf, inverse=True), args.repeats, device)
         rows.append(("SENSE A + A^H", fwd + adj, "scipy fft2 + ifft2 in place", sci))
     if device.type == "cuda":  # the GPU's own time: Python's launch overhead hidden
         pipe = [pipelined(fn) for fn in (lambda: op(xd), lambda: op.A_adjoint(y),
@@ -280,13 +285,14 @@ def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> Non
                                          lambda: torch.fft.ifft2(y, norm="ortho"))]
         rows.append(("SENSE A + A^H, pipelined", pipe[0] + pipe[1], "bare fft2 + ifft2, pipelined",
                      pipe[2] + pipe[3]))
-    for i, name in enumerate(("A", "A^H", "A^H A")):
-        rows.append((f"SENSE {name}, split path on", split["on"][i], "split path off",
-                     split["off"][i]))
-    on, off = split["on"][0] + split["on"][1], split["off"][0] + split["off"][1]
-    rows.append(("SENSE A + A^H, split path on", on, "split path off", off))
-    rows.append(("SENSE A + A^H, split path on", on, "bare fft2 + ifft2", fft_f + fft_b))
-    rows.append(("SENSE A + A^H, split path off", off, "bare fft2 + ifft2", fft_f + fft_b))
+    for name in cases:
+        for mode in ("auto", "on"):
+            rows.append((f"SENSE {name}, column paths {mode}", split[mode][name],
+                         "column paths off (2D FFTs)", split["off"][name]))
+    for mode in ("auto", "on", "off"):
+        both = split[mode]["A"] + split[mode]["A^H"]
+        rows.append((f"SENSE A + A^H, column paths {mode}", both, "bare fft2 + ifft2",
+                     fft_f + fft_b))
 
 
 @contextlib.contextmanager

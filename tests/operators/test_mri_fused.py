@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent('''
     triton_path = os.environ.get("TRITON_INTERPRET") == "1"  # else the numba kernels
     calls = {}
     for name in ("_launch_product", "_launch_combine", "_launch_scatter", "cpu_combine",
-                 "cpu_product", "cpu_mask"):
+                 "cpu_product", "cpu_mask", "cpu_gather_columns", "cpu_scatter_columns"):
         def counted(*a, _f=getattr(TM, name), _n=name, **k):
             out = _f(*a, **k)
             calls[_n] = calls.get(_n, 0) + (out is not None)
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
         M._CartesianMRI._fold = (lambda self, t: self._fast) if fold else fold_orig
         # as on CUDA: no CPU scratch-buffer path (it would run before the fused kernels)
         M._no_graph = (lambda *t: False) if fold else no_graph_orig
-        for split in ("off", "on"):
+        for split in ("off", "auto", "on"):
             os.environ["FEDRECON_MRI_SPLIT"] = split
             for lead in ((B,), ()):
                 maps = torch.randn(*lead, C, H, W, dtype=torch.complex128, generator=gen)
@@ -71,13 +71,19 @@ SCRIPT = textwrap.dedent('''
                 assert rel(op.A_adjoint(y.to(c64)), ah_ref) < 1e-5, (fold, split, lead)
                 assert rel(op.A_normal(x.to(c64)), an_ref) < 1e-5, (fold, split, lead)
                 n = {k: calls.get(k, 0) - before.get(k, 0) for k in calls}
-                scratch = not fold and split == "off"  # the CPU's scratch-buffer paths
+                scratch = not fold  # the CPU's scratch-buffer paths (no autograd graph)
+                # A^H on the sampled columns only (at most half of them are sampled here)
+                columns = scratch and split != "off" and int((mask != 0).sum()) <= W // 2
                 if triton_path and not scratch:
                     assert n["_launch_product"] == n["_launch_combine"] == 2, n
-                assert n.get("_launch_scatter", 0) == (3 if split == "on" and triton_path else 0), n
+                # the torch split path: A (its scratch path comes after), A^H without the CPU's
+                scatters = (1 if scratch else 2) if split == "on" and triton_path else 0
+                assert n.get("_launch_scatter", 0) == scatters, n
                 # the numba passes around scipy's FFT in A^H and A^H A
-                assert n.get("cpu_combine", 0) == n.get("cpu_mask", 0) == (2 if scratch else 0), n
+                assert n.get("cpu_combine", 0) == (2 if scratch else 0), n
+                assert n.get("cpu_mask", 0) == ((1 if columns else 2) if scratch else 0), n
                 assert n.get("cpu_product", 0) == (1 if scratch else 0), n
+                assert n.get("cpu_gather_columns", 0) == n.get("cpu_scatter_columns", 0) == columns, n
                 # autograd: the gradient of Re<A x, y> in x is A^H y, of Re<A^H y, x> in y is A x
                 xg = x.to(c64).requires_grad_()
                 (op.A(xg) * y.to(c64).conj()).real.sum().backward()

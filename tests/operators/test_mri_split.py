@@ -1,18 +1,25 @@
-"""The split-FFT path of column masks (``FEDRECON_MRI_SPLIT``) against the full path.
+"""The paths of column masks (``FEDRECON_MRI_SPLIT``) against the full path.
 
-The split path is opt-in (``on``; measured slower than the full path on an H200 and on the
-CPU). The reference is always the full path (``off``, the default) on the same device.
+- ``A^H A`` with FFTs along ``W`` only (a mask whose rows are all the same commutes with
+  the FFT along ``H``): ``auto`` (the default) and ``on``;
+- ``A^H`` on the sampled columns with the CPU's numba passes (no autograd graph, even sizes):
+  ``auto`` and ``on``;
+- the torch split path of ``A`` and ``A^H`` (FFT along ``H`` over the sampled columns only;
+  measured slower than the full path on an H200 and on the CPU): ``on`` only.
+
+The reference is always the full path (``off``) on the same device.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from fedrecon.operators import MultiCoilMRI, SingleCoilMRI, mri
+from fedrecon.operators import MultiCoilMRI, SingleCoilMRI, _cpu_spmm, mri
 
 CDTYPES = [torch.complex64, torch.complex128]
 SHAPES = [(16, 20), (15, 12), (9, 7)]  # even/even (checkerboard path), odd/even, odd/odd
 MASKS = ["W", "batched", "HW-equal-rows"]
+MODES = ["auto", "on"]
 
 
 def _tol(dtype: torch.dtype) -> float:
@@ -53,56 +60,89 @@ def _column_mask(kind: str, h: int, w: int, dtype: torch.dtype, seed: int = 0) -
 
 
 @pytest.fixture
-def split_on(device, monkeypatch):
-    """``split_on()`` selects the split path, ``split_on.off()`` the full path;
-    ``split_on.calls`` counts the split path's runs."""
-    split = mri._CartesianMRI._split
+def paths(monkeypatch):
+    """``paths.mode(m)`` sets ``FEDRECON_MRI_SPLIT``; ``paths.taken()`` returns and clears
+    the list of column-mask paths run since: ``"split"`` (torch's split path), ``"columns"``
+    (the CPU's ``A^H`` on the sampled columns), ``"w_only"`` (``A^H A`` along ``W``)."""
+    log: list[str] = []
+    split, columns, normal = (mri._CartesianMRI._split, mri.MultiCoilMRI._adjoint_columns,
+                              mri._CartesianMRI._normal_mask)
 
-    def counted(self, *args, **kwargs):
-        switch.calls += 1
+    def counted_split(self, *args, **kwargs):
+        log.append("split")
         return split(self, *args, **kwargs)
 
-    monkeypatch.setattr(mri._CartesianMRI, "_split", counted)
+    def counted_columns(self, *args, **kwargs):
+        out = columns(self, *args, **kwargs)
+        if out is not None:
+            log.append("columns")
+        return out
 
-    class Switch:
-        calls = 0
+    def counted_normal(self, *args, **kwargs):
+        out = normal(self, *args, **kwargs)
+        if out[1]:
+            log.append("w_only")
+        return out
 
-        def __call__(self) -> None:
-            monkeypatch.setenv(mri.SPLIT_ENV_VAR, "on")
+    monkeypatch.setattr(mri._CartesianMRI, "_split", counted_split)
+    monkeypatch.setattr(mri.MultiCoilMRI, "_adjoint_columns", counted_columns)
+    monkeypatch.setattr(mri._CartesianMRI, "_normal_mask", counted_normal)
+
+    class Paths:
+        @staticmethod
+        def mode(value: str) -> None:
+            monkeypatch.setenv(mri.SPLIT_ENV_VAR, value)
 
         @staticmethod
-        def off() -> None:
-            monkeypatch.setenv(mri.SPLIT_ENV_VAR, "off")
+        def taken() -> list[str]:
+            out = list(log)
+            log.clear()
+            return out
 
-    switch = Switch()
-    return switch
+    return Paths()
 
 
-def _both_paths(op, split_on, device, fns):
-    """``[fn()]`` on the full path, then on the split path (asserting it is taken)."""
-    split_on.off()
+def _columns_path(op, device) -> bool:
+    """Whether ``A^H`` (no graph) takes the CPU's sampled-columns path for this test's masks."""
+    return (isinstance(op, MultiCoilMRI) and torch.device(device).type == "cpu" and op._fast
+            and _cpu_spmm.available())
+
+
+def _all_paths(op, paths, device, fns, mode):
+    """``([fn()] on the full path, [fn()] under ``mode``, [paths taken per fn])``."""
+    paths.mode("off")
     assert op.kspace_path(device) == "full"
     ref = [fn() for fn in fns]
-    assert split_on.calls == 0
-    split_on()
-    assert op.kspace_path(device) == "split"
-    out = [fn() for fn in fns]
-    assert split_on.calls == len(fns)
-    return ref, out
+    assert paths.taken() == []
+    paths.mode(mode)
+    assert op.kspace_path(device) == ("split" if mode == "on" else "full")
+    out, taken = [], []
+    for fn in fns:
+        out.append(fn())
+        taken.append(paths.taken())
+    return ref, out, taken
+
+
+def _expected(op, device, mode) -> list[list[str]]:
+    """The paths ``A``, ``A^H`` and ``A^H A`` take (no autograd graph) for a column mask."""
+    split = ["split"] if mode == "on" else []
+    return [split, ["columns"] if _columns_path(op, device) else split, ["w_only"]]
 
 
 # -- (a)-(d): the split path equals the full path ------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize("dtype", CDTYPES)
-def test_multicoil_split_matches_full(kind, shape, dtype, device, split_on):
+def test_multicoil_split_matches_full(kind, shape, dtype, mode, device, paths):
     h, w = shape
     maps = _crandn(2, 4, h, w, dtype=dtype, seed=1)
     op = MultiCoilMRI(maps, _column_mask(kind, h, w, dtype)).to(device)
     x = _crandn(2, h, w, dtype=dtype, seed=2).to(device)
     y = _crandn(2, 4, h, w, dtype=dtype, seed=3).to(device)
-    ref, out = _both_paths(op, split_on, device,
-                           [lambda: op.A(x), lambda: op.A_adjoint(y), lambda: op.A_normal(x)])
+    ref, out, taken = _all_paths(op, paths, device, [lambda: op.A(x), lambda: op.A_adjoint(y),
+                                                     lambda: op.A_normal(x)], mode)
+    assert taken == _expected(op, device, mode)
     for a, b in zip(out, ref):
         assert a.shape == b.shape and a.dtype == b.dtype == dtype
         assert _rel(a, b) < _tol(dtype)
@@ -110,87 +150,134 @@ def test_multicoil_split_matches_full(kind, shape, dtype, device, split_on):
     assert (out[0][..., op.mask.reshape(-1, w).abs().sum(0) == 0] == 0).all()
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize("dtype", CDTYPES)
-def test_singlecoil_split_matches_full(kind, shape, dtype, device, split_on):
+def test_singlecoil_split_matches_full(kind, shape, dtype, mode, device, paths):
     h, w = shape
     mask = _column_mask(kind, h, w, dtype)
     if kind == "batched":
         mask = mask[:, 0]  # (B, 1, W)
     op = SingleCoilMRI(mask, image_size=shape).to(device)
     x = _crandn(2, h, w, dtype=dtype, seed=4).to(device)
-    ref, out = _both_paths(op, split_on, device,
-                           [lambda: op.A(x), lambda: op.A_adjoint(x), lambda: op.A_normal(x)])
+    ref, out, taken = _all_paths(op, paths, device, [lambda: op.A(x), lambda: op.A_adjoint(x),
+                                                     lambda: op.A_normal(x)], mode)
+    assert taken == _expected(op, device, mode)
     for a, b in zip(out, ref):
         assert _rel(a, b) < _tol(dtype)
 
 
-def test_real_input_and_broadcast_batch(device, split_on):
-    """A real image is promoted; a per-sample mask broadcasts over shared coil maps."""
+@pytest.mark.parametrize("mode", MODES)
+def test_real_input_and_broadcast_batch(mode, device, paths):
+    """A real image is promoted; a per-sample mask broadcasts over shared coil maps; a mask
+    with fewer per-sample dims than the data broadcasts on the sampled-columns path."""
     maps = _crandn(3, 16, 20, dtype=torch.complex128, seed=5)
     op = MultiCoilMRI(maps, _column_mask("batched", 16, 20, torch.complex128)).to(device)
     x = torch.randn(16, 20, dtype=torch.float64, generator=_gen(6)).to(device)
-    ref, out = _both_paths(op, split_on, device, [lambda: op.A(x), lambda: op.A_normal(x)])
+    ref, out, taken = _all_paths(op, paths, device, [lambda: op.A(x), lambda: op.A_normal(x)],
+                                 mode)
+    assert taken == [["split"] if mode == "on" else [], ["w_only"]]
     assert out[0].shape == (2, 3, 16, 20)
     for a, b in zip(out, ref):
         assert _rel(a, b) < 1e-12
+    # (3, 2) samples, a mask per second index (2, 1, 1, W) shared along the first
+    maps = _crandn(3, 2, 4, 16, 20, dtype=torch.complex128, seed=7)
+    op = MultiCoilMRI(maps, _column_mask("batched", 16, 20, torch.complex128)).to(device)
+    y = _crandn(3, 2, 4, 16, 20, dtype=torch.complex128, seed=8).to(device)
+    ref, out, taken = _all_paths(op, paths, device, [lambda: op.A_adjoint(y)], mode)
+    assert taken == [_expected(op, device, mode)[1]]
+    assert _rel(out[0], ref[0]) < 1e-12
 
 
 # -- (e), (f): fallbacks ---------------------------------------------------------------------
-def _assert_full_path(op, x, device, split_on):
-    """With the split path switched on, ``op`` still takes the full one: same ``A x`` bit for
-    bit, no split call. Returns ``A x``."""
-    split_on.off()
-    ref = op.A(x)
-    split_on()
+def _assert_full_path(op, x, y, device, paths):
+    """With the split path switched on, ``op`` still takes the full one for ``A`` and
+    ``A^H``: the same results bit for bit, no column path. Returns ``A x``."""
+    paths.mode("off")
+    ref = op.A(x), op.A_adjoint(y)
+    paths.mode("on")
     assert op.kspace_path(device) == "full"
-    torch.testing.assert_close(op.A(x), ref, rtol=0, atol=0)
-    assert split_on.calls == 0
-    return ref
+    torch.testing.assert_close(op.A(x), ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(op.A_adjoint(y), ref[1], rtol=0, atol=0)
+    assert paths.taken() == []
+    return ref[0]
 
 
 @pytest.mark.parametrize("dtype", CDTYPES)
-def test_2d_random_mask_falls_back(dtype, device, split_on):
+def test_2d_random_mask_falls_back(dtype, device, paths):
     h, w = 16, 20
     rdtype = torch.float32 if dtype == torch.complex64 else torch.float64
     mask = (torch.rand(h, w, generator=_gen(7)) < 0.2).to(rdtype)
     op = MultiCoilMRI(_crandn(3, h, w, dtype=dtype, seed=8), mask).to(device)
     assert mri._column_support(op.mask, w) is None  # not column-structured
-    _assert_full_path(op, _crandn(h, w, dtype=dtype, seed=9).to(device), device, split_on)
+    x = _crandn(h, w, dtype=dtype, seed=9).to(device)
+    _assert_full_path(op, x, _crandn(3, h, w, dtype=dtype, seed=10).to(device), device, paths)
+    paths.mode("off")
+    ref = op.A_normal(x)
+    paths.mode("auto")  # nor A^H A along W only: the mask's rows differ
+    torch.testing.assert_close(op.A_normal(x), ref, rtol=0, atol=0)
+    assert paths.taken() == []
 
 
-def test_mask_above_threshold_falls_back(device, split_on, monkeypatch):
+def test_mask_above_threshold_falls_back(device, paths, monkeypatch):
     h, w = 16, 20
     mask = torch.zeros(w, dtype=torch.float64)
     mask[_columns(w, 14, 10)] = 1.0  # 70% of the columns
     op = MultiCoilMRI(_crandn(3, h, w, dtype=torch.complex128, seed=11), mask).to(device)
     assert mri._column_support(op.mask, w).numel() == 14
     x = _crandn(h, w, dtype=torch.complex128, seed=12).to(device)
-    ref = _assert_full_path(op, x, device, split_on)
+    y = _crandn(3, h, w, dtype=torch.complex128, seed=13).to(device)
+    ref = _assert_full_path(op, x, y, device, paths)
+    # A^H A along W only needs no sparsity
+    paths.mode("off")
+    ref_normal = op.A_normal(x)
+    paths.mode("auto")
+    assert _rel(op.A_normal(x), ref_normal) < 1e-12 and paths.taken() == ["w_only"]
     monkeypatch.setattr(mri, "SPLIT_MAX_FRACTION", 0.8)  # read at call time
+    assert op.kspace_path(device) == "full"  # auto: no torch split path
+    op.A_adjoint(y)
+    assert paths.taken() == (["columns"] if _columns_path(op, device) else [])
+    paths.mode("on")
     assert op.kspace_path(device) == "split"
     assert _rel(op.A(x), ref) < 1e-12
 
 
-def test_switch_modes_and_learned_mask(monkeypatch):
+def test_switch_modes_and_learned_mask(monkeypatch, paths):
     op = MultiCoilMRI(_crandn(2, 8, 6, dtype=torch.complex128, seed=13),
                       torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.float64))
-    for env, mode in (("", "off"), ("auto", "off"), ("ON", "on"), ("1", "on"), ("off", "off"),
-                      ("0", "off")):
+    for env, mode in (("", "auto"), ("auto", "auto"), ("ON", "on"), ("1", "on"), ("off", "off"),
+                      ("0", "off"), ("No", "off")):
         monkeypatch.setenv(mri.SPLIT_ENV_VAR, env)
         assert mri.split_mode() == mode
     monkeypatch.delenv(mri.SPLIT_ENV_VAR)
+    assert mri.split_mode() == "auto"
     assert op.kspace_path("cpu") == op.kspace_path("cuda") == "full"  # the default
     monkeypatch.setenv(mri.SPLIT_ENV_VAR, "on")
     assert op.kspace_path() == "split"
-    op.mask.requires_grad_(True)  # a learned mask keeps the full path
+    y = _crandn(2, 8, 6, dtype=torch.complex128, seed=14)
+    x = _crandn(8, 6, dtype=torch.complex128, seed=15)
+    op.A_adjoint(y), op.A_normal(x)
+    assert paths.taken() == (["columns"] if _columns_path(op, "cpu") else ["split"]) + ["w_only"]
+    op.mask.requires_grad_(True)  # a learned mask: no split path, no sampled-columns path
     assert op.kspace_path() == "full"
+    with torch.no_grad():
+        op.A_adjoint(y)
+    assert paths.taken() == []
+    # A^H A along W only still holds (and is differentiable in the mask)
+    xg = x.clone().requires_grad_(True)
+    loss = op.A_normal(xg).abs().square().sum()
+    gx, gm = torch.autograd.grad(loss, (xg, op.mask))
+    assert paths.taken() == ["w_only"]
+    monkeypatch.setenv(mri.SPLIT_ENV_VAR, "off")
+    ref = torch.autograd.grad(op.A_normal(xg).abs().square().sum(), (xg, op.mask))
+    assert _rel(gx, ref[0]) < 1e-12 and _rel(gm, ref[1]) < 1e-12
 
 
-# -- (g), (h): autograd and adjointness on the split path ------------------------------------
+# -- (g), (h): autograd and adjointness on the column paths ----------------------------------
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", [(16, 20), (15, 12)])
-def test_gradients_match_full_path(shape, device, split_on):
+def test_gradients_match_full_path(shape, mode, device, paths):
     h, w = shape
     dtype = torch.complex128
     maps = _crandn(2, 3, h, w, dtype=dtype, seed=14).to(device)
@@ -206,11 +293,13 @@ def test_gradients_match_full_path(shape, device, split_on):
         loss = loss + (opg.A_adjoint(yg).conj() * x).imag.sum()
         return torch.autograd.grad(loss, (xg, yg, mg))
 
-    split_on.off()
+    paths.mode("off")
     ref = grads()
-    split_on()
-    assert op.kspace_path(device) == "split"
-    for a, b in zip(grads(), ref):
+    paths.mode(mode)
+    out = grads()
+    assert paths.taken() == (["split"] if mode == "on" else []) + ["w_only"] + (
+        ["split"] if mode == "on" else [])
+    for a, b in zip(out, ref):
         assert _rel(a, b) < 1e-12
     # the gradient of <A x, y> is A^H y
     xg = x.clone().requires_grad_(True)
@@ -218,9 +307,10 @@ def test_gradients_match_full_path(shape, device, split_on):
     assert _rel(g, op.A_adjoint(y)) < 1e-12
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("single", [False, True])
-def test_adjoint_dot_product_on_split_path(shape, single, device, split_on):
+def test_adjoint_dot_product_on_column_paths(shape, single, mode, device, paths):
     h, w = shape
     dtype = torch.complex128
     mask = _column_mask("batched", h, w, dtype)
@@ -228,41 +318,43 @@ def test_adjoint_dot_product_on_split_path(shape, single, device, split_on):
         op = SingleCoilMRI(mask[:, 0], image_size=shape).to(device)
     else:
         op = MultiCoilMRI(_crandn(2, 3, h, w, dtype=dtype, seed=17), mask).to(device)
-    split_on()
-    assert op.kspace_path(device) == "split"
+    paths.mode(mode)
     x = _crandn(2, *op.domain_shape, dtype=dtype, seed=18).to(device)
     y = _crandn(2, *op.range_shape, dtype=dtype, seed=19).to(device)
     lhs = (op.A(x).conj() * y).sum()
     rhs = (x.conj() * op.A_adjoint(y)).sum()
     assert abs(lhs - rhs) < 1e-12 * abs(lhs)
     assert _rel(op.A_normal(x), op.A_adjoint(op.A(x))) < 1e-12
+    expected = _expected(op, device, mode)
+    assert paths.taken() == [p for ps in expected for p in ps] + expected[0] + expected[1]
 
 
 # -- (i): in-place mask changes are noticed --------------------------------------------------
-def test_inplace_mask_change_is_noticed(device, split_on):
+@pytest.mark.parametrize("mode", MODES)
+def test_inplace_mask_change_is_noticed(mode, device, paths):
     h, w = 16, 20
     dtype = torch.complex128
     maps = _crandn(3, h, w, dtype=dtype, seed=20)
     op = MultiCoilMRI(maps, _column_mask("HW-equal-rows", h, w, dtype, seed=0)).to(device)
     x = _crandn(h, w, dtype=dtype, seed=21).to(device)
     y = _crandn(3, h, w, dtype=dtype, seed=22).to(device)
-    split_on()
-    op.A(x), op.A_adjoint(y), op.A_normal(x)  # detection and gathered masks memoised
+    paths.mode(mode)
+
+    def all_three(o):
+        return o.A(x), o.A_adjoint(y), o.A_normal(x)
+
+    all_three(op)  # detection and gathered masks memoised
     with torch.no_grad():  # other columns, same storage
         op.mask.copy_(_column_mask("HW-equal-rows", h, w, dtype, seed=5).to(device))
     fresh = MultiCoilMRI(maps.to(device), op.mask.clone())
-    assert op.kspace_path(device) == "split"
-    for a, b in ((op.A(x), fresh.A(x)), (op.A_adjoint(y), fresh.A_adjoint(y)),
-                 (op.A_normal(x), fresh.A_normal(x))):
+    for a, b in zip(all_three(op), all_three(fresh)):
         assert _rel(a, b) < 1e-12
-    split_on.off()
-    ref = op.A(x)
-    split_on()
-    assert _rel(op.A(x), ref) < 1e-12
+    paths.taken()
     with torch.no_grad():  # rows no longer equal: the full path again
         op.mask[..., 3, :] = 1.0
     assert op.kspace_path(device) == "full"
-    split_on.off()
-    ref = op.A(x)
-    split_on()
-    torch.testing.assert_close(op.A(x), ref, rtol=0, atol=0)
+    got = all_three(op)
+    assert paths.taken() == []
+    paths.mode("off")
+    for a, b in zip(got, all_three(op)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
