@@ -358,3 +358,54 @@ def test_inplace_mask_change_is_noticed(mode, device, paths):
     paths.mode("off")
     for a, b in zip(got, all_three(op)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- (j): random cases, every setting against the 2D path ------------------------------------
+def _random_case(seed: int):
+    """An operator and inputs drawn at random: odd and even sizes, both dtypes, masks of
+    columns (weighted, per sample, all or none sampled), 2D masks, scalar masks; single- and
+    multi-coil; per-sample, shared and two-level batches."""
+    import random
+
+    rng = random.Random(seed)
+    gen = _gen(1000 + seed)
+    h, w = rng.choice([4, 5, 8, 9, 16, 17]), rng.choice([4, 6, 7, 12, 15, 20])
+    dtype = rng.choice(CDTYPES)
+    rdtype = torch.float32 if dtype == torch.complex64 else torch.float64
+    weights = (0.3 + torch.rand(w, generator=gen, dtype=rdtype)) * (
+        torch.rand(w, generator=gen) < rng.choice([0.2, 0.4, 0.7]))
+    kind = rng.choice(["W", "HW-equal-rows", "2D", "per-sample", "scalar", "all", "none"])
+    mask = {"W": weights, "HW-equal-rows": weights.expand(h, w).clone(),
+            "2D": (torch.rand(h, w, generator=gen) < 0.3).to(rdtype),
+            "per-sample": torch.stack([weights, weights.flip(0)]).view(2, 1, 1, w),
+            "scalar": torch.full((1, 1), 0.7, dtype=rdtype),
+            "all": torch.ones(w, dtype=rdtype), "none": torch.zeros(w, dtype=rdtype)}[kind]
+    if rng.random() < 0.25:  # single coil
+        op = SingleCoilMRI(mask[:, 0] if kind == "per-sample" else mask, image_size=(h, w))
+        lead = (2,) if kind == "per-sample" else ()
+        x = _crandn(*lead, h, w, dtype=dtype, seed=seed)
+        return op, x, _crandn(*lead, h, w, dtype=dtype, seed=seed + 1)
+    maps_lead = rng.choice([(), (2,), (3, 2), (1,)])
+    maps = torch.randn(*maps_lead, rng.choice([1, 3]), h, w, dtype=dtype, generator=gen)
+    op = MultiCoilMRI(maps, mask)
+    lead = op.batch_shape
+    return (op, _crandn(*lead, h, w, dtype=dtype, seed=seed),
+            _crandn(*lead, *op.range_shape, dtype=dtype, seed=seed + 1))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_cases_match_the_2d_path(seed, monkeypatch):
+    op, x, y = _random_case(seed)
+    grad = seed % 3 == 0  # through autograd (A^H A along W only; torch's split path)
+    out = {}
+    for mode in ("off", "auto", "on"):
+        monkeypatch.setenv(mri.SPLIT_ENV_VAR, mode)
+        xg = x.clone().requires_grad_(grad)
+        res = [op.A(xg), op.A_adjoint(y), op.A_normal(xg)]
+        if grad:
+            res.append(torch.autograd.grad(res[2].abs().square().sum(), xg)[0])
+        out[mode] = [r.detach() for r in res]
+    for mode in ("auto", "on"):
+        for a, b in zip(out[mode], out["off"]):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert (a - b).abs().max() <= 10 * _tol(a.dtype) * max(float(b.abs().max()), 1e-30)
