@@ -223,9 +223,9 @@ def cpu_gather_columns(y: Tensor, cols: np.ndarray, weights: Tensor, out: np.nda
                        rows_per_sample: int) -> np.ndarray | None:
     """``out[..., r, j] = y[..., r, cols[j]] * weights[row parity, sample, j]`` on the CPU for
     a contiguous ``y (..., W)`` and ``out (..., len(cols))`` (same dtype); ``weights`` is
-    ``(P, S, n)`` with ``P`` 1 or 2 (by the parity of the row within an image of ``height =
-    rows_per_sample`` rows when 2, see ``cpu_scatter_columns``) and ``S`` 1 (shared) or the
-    number of samples (``rows_per_sample`` rows each). None where it does not apply."""
+    ``(P, S, n)`` with ``P`` 1 or 2 (when 2, by the parity of the row's index along ``H =
+    y.shape[-2]``: a sign alternating along ``H`` without a multiply) and ``S`` 1 (shared) or
+    the number of samples (``rows_per_sample`` rows each). None where it does not apply."""
     n = len(cols)
     if not cpu_ready(y, weights) or not y.is_contiguous() or out.dtype != y.numpy().dtype:
         return None

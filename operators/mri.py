@@ -25,8 +25,7 @@ image-side checkerboard inside (``_sense_kernels``), and the FFTs run unnormalis
 orthonormal scale folded into the mask: what is left besides the FFT is one pass each for
 the coil product, the mask and the combine (measured on an H200: A + A^H 1.29x the GPU time
 of a bare orthonormal fft2 + ifft2 of the coil data; docs/benchmarks.md). On the CPU, without
-an autograd graph, ``A^H`` and ``A^H A`` run a reused scratch buffer through scipy's in-place
-FFT with the numba passes of ``_sense_kernels`` around it and no torch op in between.
+an autograd graph, ``A^H`` and ``A^H A`` run the in-place chains of ``_mri_cpu``.
 
 Masks whose rows are all the same (fastMRI's 1D masks of columns) take shorter paths, chosen
 by ``FEDRECON_MRI_SPLIT`` (``auto``, the default; ``on``; ``off``: the full 2D FFTs always):
@@ -36,10 +35,8 @@ by ``FEDRECON_MRI_SPLIT`` (``auto``, the default; ``on``; ``off``: the full 2D F
   the FFT work, on every device and through autograd (CPU, B=4, 15 coils, 320^2: 63 vs 88 ms
   without a graph).
 - ``A^H`` on the CPU without an autograd graph (``auto``, ``on``; even sizes, at most
-  :data:`SPLIT_MAX_FRACTION` of the columns sampled): the sampled columns times the mask
-  gathered, the inverse FFT along ``H`` over them only, scattered into the zero-filled
-  scratch buffer, the inverse FFT along ``W`` (numba passes and scipy's in-place FFTs; 40
-  vs 45 ms, 81 of 320 columns).
+  :data:`SPLIT_MAX_FRACTION` of the columns sampled): the inverse FFT along ``H`` over the
+  sampled columns only (``_mri_cpu.columns_adjoint_fft``; 40 vs 45 ms, 81 of 320 columns).
 - The *split* path of ``A`` and ``A^H`` in torch (``on`` only): the FFT along ``W`` over all
   the coil data, then the FFT along ``H`` over the sampled columns only, the rest of k-space
   left zero (``A^H`` mirrors it). It works with autograd and on CUDA but was measured slower
@@ -56,20 +53,28 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import scipy.fft
 import torch
 from torch import Tensor
 
-from . import _cpu_spmm, _sense_kernels
+from . import _mri_cpu, _sense_kernels
 from ._checks import (
     as_image_size,
     check_complex,
-    check_real,
     check_tensor,
     check_trailing_shape,
     complex_dtype_of,
     format_shape,
 )
+from ._kspace import (
+    _as_mask,
+    _checkerboard,
+    _coil_combine,
+    _column_support,
+    _compute_dtype,
+    _norm,
+    _same_rows,
+)
+from ._mri_cpu import clear_scratch  # noqa: F401 - part of this module's surface
 from .base import LinearOperator
 from .registry import register_operator
 
@@ -137,13 +142,6 @@ def rss(x: Tensor, dim: int = -3) -> Tensor:
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _checkerboard(h: int, w: int, sign: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``sign * (-1)^(i + j)`` as an ``(h, w)`` real tensor."""
-    i = torch.arange(h, device=device).view(h, 1)
-    j = torch.arange(w, device=device).view(1, w)
-    return (1 - 2 * ((i + j) % 2)).to(dtype) * sign
-
-
 def split_mode() -> str:
     """``FEDRECON_MRI_SPLIT`` as ``"auto"`` (the default), ``"on"`` or ``"off"`` (read at
     every call; see the module docstring)."""
@@ -151,130 +149,6 @@ def split_mode() -> str:
     if env in ("on", "1", "true", "yes"):
         return "on"
     return "off" if env in ("off", "0", "false", "no") else "auto"
-
-
-def _same_rows(mask: Tensor) -> Tensor | None:
-    """``mask (..., h, w)``'s first row ``(..., 1, w)`` when every row equals it (a 1D mask
-    of columns, possibly weighted), else None."""
-    if mask.shape[-2] > 1 and not bool((mask == mask[..., :1, :]).all()):
-        return None
-    return mask[..., :1, :]
-
-
-def _column_support(mask: Tensor, w: int, device: torch.device | None = None) -> Tensor | None:
-    """The sorted indices (on ``device``) of the columns ``mask (..., h, w)`` samples (non-zero
-    for some leading index), or None when the mask is not column-structured (``w != W``, or
-    its rows differ along ``H``)."""
-    if mask.shape[-1] != w or _same_rows(mask) is None:
-        return None
-    cols = (mask[..., 0, :] != 0).reshape(-1, w).any(dim=0).nonzero().flatten()
-    return cols if device is None else cols.to(device)
-
-
-def _norm(inverse: bool, fold: bool) -> str:
-    """torch's ``norm`` for an (inverse) FFT: orthonormal, or unscaled with ``fold`` (the
-    scale then sits in the mask, ``_CartesianMRI._fold``)."""
-    if not fold:
-        return "ortho"
-    return "forward" if inverse else "backward"
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if x.is_complex():
-        return x.dtype
-    if x.is_floating_point():
-        return complex_dtype_of(x.dtype)
-    return complex_dtype_of(torch.get_default_dtype())
-
-
-def _as_mask(mask: Tensor, size: tuple[int, int] | None, owner: str, coil_dim: bool) -> Tensor:
-    """Validate ``mask`` and reshape it to broadcast against ``(..., [1,] H, W)``.
-
-    ``(W,)`` and ``(h, W)`` masks are image-plane masks; with ``coil_dim`` a mask of three or
-    more dims must be ``(..., 1, h, w)`` (coil dim of size one). ``h``/``w`` may be 1.
-    """
-    check_tensor("mask", mask)
-    if mask.dtype == torch.bool or not (mask.is_floating_point() or mask.is_complex()):
-        mask = mask.to(torch.get_default_dtype())  # boolean / integer masks
-    check_real("mask", mask, owner)
-    if mask.ndim == 0:
-        raise ValueError(f"{owner}: argument 'mask' must have at least one dim; got a scalar")
-    if mask.ndim == 1:
-        mask = mask.unsqueeze(0)
-    if coil_dim:
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        elif mask.shape[-3] != 1:
-            raise ValueError(
-                f"{owner}: argument 'mask' must be broadcastable to (..., 1, H, W) (one mask "
-                f"shared by the coils); got {format_shape(tuple(mask.shape))}"
-            )
-    if size is not None:
-        for got, want in zip(mask.shape[-2:], size):
-            if got not in (1, want):
-                expected = "(..., 1, H, W)" if coil_dim else "(..., H, W)"
-                raise ValueError(
-                    f"{owner}: argument 'mask' must be broadcastable to {expected} with "
-                    f"(H, W) = {size}; got {format_shape(tuple(mask.shape))}"
-                )
-    return mask
-
-
-def _coil_combine(maps: Tensor, z: Tensor) -> Tensor:
-    """``sum_c conj(maps_c) * z_c`` over dim -3, accumulated coil by coil.
-
-    Several times faster on the CPU than ``(maps.conj() * z).sum(-3)``, which materializes
-    the coil-sized product; autograd-safe (only the fresh accumulator is updated in place).
-    """
-    if z.is_cuda:  # two fused kernels instead of one launch per coil
-        return (maps.conj() * z).sum(dim=-3)
-    out = maps[..., 0, :, :].conj() * z[..., 0, :, :]
-    for c in range(1, z.shape[-3]):
-        out = out.addcmul_(maps[..., c, :, :].conj(), z[..., c, :, :])
-    return out
-
-
-_SCRATCH = "mri_scratch"  # this module's ``_cpu_spmm.workspace`` buffers: coil-sized
-_COLUMNS = "mri_columns"  # the sampled columns of coil data (``_adjoint_columns``)
-
-
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty(0, dtype=dtype).numpy().dtype
-
-
-def _scratch(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """A per-thread CPU buffer of ``shape`` and ``dtype``, reused from call to call
-    (``_cpu_spmm.workspace``: one shape at a time, bounded memory).
-
-    Fresh coil-sized CPU allocations are page-faulted in on every call, which costs as much
-    as the FFT itself; the buffer's contents never escape a call.
-    """
-    return torch.from_numpy(_cpu_spmm.workspace(_SCRATCH, tuple(shape), _np_dtype(dtype)))
-
-
-def clear_scratch() -> None:
-    """Release this thread's reusable MRI buffers."""
-    _cpu_spmm.release_workspace(_SCRATCH)
-    _cpu_spmm.release_workspace(_COLUMNS)
-
-
-def _fft_inplace(buf: Tensor | np.ndarray, inverse: bool = False,
-                 axes: tuple[int, ...] = _DIMS) -> Tensor | np.ndarray:
-    """Orthonormal (i)FFT over ``axes`` (default: the last two) of a contiguous CPU ``buf``
-    (tensor or array), in place.
-
-    torch's CPU FFT with ``out=`` (or into its own input) computes into a temporary and
-    copies back (~1.2x a fresh-output FFT of coil-sized data here); scipy's pocketfft
-    transforms in place, so a scratch buffer that is already paged in is reused at no extra
-    memory pass. Only for buffers whose contents never escape a call.
-    """
-    fn = scipy.fft.ifftn if inverse else scipy.fft.fftn
-    arr = buf.numpy() if isinstance(buf, Tensor) else buf
-    out = fn(arr, axes=axes, norm="ortho", workers=max(1, torch.get_num_threads()),
-             overwrite_x=True)
-    if not np.may_share_memory(out, arr):
-        arr[...] = out  # pocketfft declined to overwrite (never seen for contiguous c64/c128)
-    return buf
 
 
 def _no_graph(*tensors: Tensor) -> bool:
@@ -409,11 +283,15 @@ class _CartesianMRI(LinearOperator):
         """
         if self.mask.requires_grad or split_mode() != "on":
             return None
-        w = self.domain_shape[1]
-        cols = self._memo(("cols", str(device)), lambda: _column_support(self.mask, w, device))
-        if cols is None or not 0 < cols.numel() <= SPLIT_MAX_FRACTION * w:
+        cols = self._columns(device)
+        if cols is None or not 0 < cols.numel() <= SPLIT_MAX_FRACTION * self.domain_shape[1]:
             return None
         return cols
+
+    def _columns(self, device: torch.device) -> Tensor | None:
+        """``_column_support`` of the mask on ``device``, cached until the mask changes."""
+        return self._memo(("cols", str(device)),
+                          lambda: _column_support(self.mask, self.domain_shape[1], device))
 
     def _fft1(self, z: Tensor, dim: int, inverse: bool, fold: bool = False) -> Tensor:
         """Orthonormal 1D (i)FFT along ``dim`` (unnormalised with ``fold``): plain on the
@@ -560,7 +438,7 @@ class MultiCoilMRI(_CartesianMRI):
             # vs 48 ms, B=4, 15 coils, 320^2.)
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m.shape) == shape:
-                buf = self._coils(maps, x, out=_scratch(shape, x.dtype))
+                buf = self._coils(maps, x, out=_mri_cpu.scratch(shape, x.dtype))
                 return torch.fft.fft2(buf, dim=_DIMS, norm="ortho").mul_(m)
         k = self._fwd_fft(self._coils(maps, x), fold)
         return self._apply_mask(k, m)
@@ -584,10 +462,10 @@ class MultiCoilMRI(_CartesianMRI):
         if scratch:
             # no coil-sized allocation at all, and with the CPU kernels no torch op (torch's
             # OpenMP workers keep spinning after one, slowing scipy's FFT: 50 vs 44 ms here)
-            buf = _scratch(y.shape, y.dtype)
+            buf = _mri_cpu.scratch(y.shape, y.dtype)
             if _sense_kernels.cpu_mask(y, m, out=buf) is None:
                 torch.mul(y, m, out=buf)
-            return self._image(maps, _fft_inplace(buf, inverse=True), after_scipy=True)
+            return self._image(maps, _mri_cpu.fft_inplace(buf, inverse=True), after_scipy=True)
         return self._image(maps, self._adj_fft(y * m, fold))
 
     def _adjoint_columns(self, maps: Tensor, y: Tensor) -> Tensor | None:
@@ -609,14 +487,8 @@ class MultiCoilMRI(_CartesianMRI):
         if mlead != lead and mlead.numel() > 1:  # per-sample weights for every sample
             ones = (1,) * (len(lead) - len(mlead))
             weights = weights.reshape(2, *ones, *mlead, n).expand(2, *lead, n)
-        weights = weights.reshape(2, -1, n)
-        y = y.contiguous()
-        g = _cpu_spmm.workspace(_COLUMNS, (*y.shape[:-1], n), _np_dtype(y.dtype))
-        if _sense_kernels.cpu_gather_columns(y, cols, weights, g, rows_per_sample=c * h) is None:
-            return None
-        buf = _scratch(y.shape, y.dtype)
-        _sense_kernels.cpu_scatter_columns(_fft_inplace(g, inverse=True, axes=(-2,)), cols, buf)
-        return self._image(maps, _fft_inplace(buf, inverse=True, axes=(-1,)), after_scipy=True)
+        buf = _mri_cpu.columns_adjoint_fft(y.contiguous(), cols, weights.reshape(2, -1, n), c * h)
+        return None if buf is None else self._image(maps, buf, after_scipy=True)
 
     def _sampled_columns(self, dtype: torch.dtype) -> tuple[np.ndarray, Tensor] | None:
         """For ``_adjoint_columns``: the sampled columns and the k-space mask at them on the
@@ -627,13 +499,11 @@ class MultiCoilMRI(_CartesianMRI):
             return None
 
         def build() -> tuple[np.ndarray, Tensor] | None:
-            cols = _column_support(self.mask, self.domain_shape[1], torch.device("cpu"))
+            cols = self._columns(torch.device("cpu"))
             if cols is None:
                 return None
-            rdtype = torch.empty((), dtype=dtype).real.dtype
-            sign = self._sign * (1 - 2 * (cols % 2)).to(rdtype)
-            m = self.mask[..., 0, 0, :].to("cpu", rdtype).index_select(-1, cols) * sign
-            return cols.numpy().astype(np.int64), torch.stack([m, -m]).to(dtype)
+            weights = _mri_cpu.column_weights(self.mask[..., 0, 0, :], cols, self._sign, dtype)
+            return cols.numpy().astype(np.int64), weights
 
         return self._memo(("columns", dtype), build)
 
@@ -649,12 +519,12 @@ class MultiCoilMRI(_CartesianMRI):
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m2.shape) == shape:
                 axes = (-1,) if w_only else _DIMS
-                buf = _scratch(shape, x.dtype)
+                buf = _mri_cpu.scratch(shape, x.dtype)
                 if _sense_kernels.cpu_product(maps, x, True, buf) is None:
                     self._coils(maps, x, out=buf)
-                if _sense_kernels.cpu_mask(_fft_inplace(buf, axes=axes), m2, out=buf) is None:
+                if _sense_kernels.cpu_mask(_mri_cpu.fft_inplace(buf, axes=axes), m2, out=buf) is None:
                     buf.mul_(m2)
-                return self._image(maps, _fft_inplace(buf, inverse=True, axes=axes),
+                return self._image(maps, _mri_cpu.fft_inplace(buf, inverse=True, axes=axes),
                                    after_scipy=True)
         k = self._fwd_fft(self._coils(maps, x), fold, w_only)
         z = self._adj_fft(self._apply_mask(k, m2), fold, w_only)

@@ -273,11 +273,11 @@ def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> Non
     rows.append(("SENSE A^H A", nrm, "bare fft2 + ifft2", fft_f + fft_b))
     rows.append(("SENSE A + A^H", fwd + adj, "bare fft2 + ifft2", fft_f + fft_b))
     if device.type == "cpu":  # the fastest bare FFT here: scipy's, in place on a paged-in buffer
-        from fedrecon.operators.mri import _fft_inplace
+        from fedrecon.operators._mri_cpu import fft_inplace
 
         buf = y.clone()
-        sci = timeit(lambda: _fft_inplace(buf), args.repeats, device) + timeit(
-            lambda: _fft_inplace(buf, inverse=True), args.repeats, device)
+        sci = timeit(lambda: fft_inplace(buf), args.repeats, device) + timeit(
+            lambda: fft_inplace(buf, inverse=True), args.repeats, device)
         rows.append(("SENSE A + A^H", fwd + adj, "scipy fft2 + ifft2 in place", sci))
     if device.type == "cuda":  # the GPU's own time: Python's launch overhead hidden
         pipe = [pipelined(fn) for fn in (lambda: op(xd), lambda: op.A_adjoint(y),

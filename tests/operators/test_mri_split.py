@@ -129,11 +129,15 @@ def _expected(op, device, mode) -> list[list[str]]:
     return [split, ["columns"] if _columns_path(op, device) else split, ["w_only"]]
 
 
+def _every_case(test):
+    """Parametrize ``test`` over every mode, shape, mask kind and dtype."""
+    for name, values in (("mode", MODES), ("shape", SHAPES), ("kind", MASKS), ("dtype", CDTYPES)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
 # -- (a)-(d): the split path equals the full path ------------------------------------------
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind", MASKS)
-@pytest.mark.parametrize("dtype", CDTYPES)
+@_every_case
 def test_multicoil_split_matches_full(kind, shape, dtype, mode, device, paths):
     h, w = shape
     maps = _crandn(2, 4, h, w, dtype=dtype, seed=1)
@@ -150,10 +154,7 @@ def test_multicoil_split_matches_full(kind, shape, dtype, mode, device, paths):
     assert (out[0][..., op.mask.reshape(-1, w).abs().sum(0) == 0] == 0).all()
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind", MASKS)
-@pytest.mark.parametrize("dtype", CDTYPES)
+@_every_case
 def test_singlecoil_split_matches_full(kind, shape, dtype, mode, device, paths):
     h, w = shape
     mask = _column_mask(kind, h, w, dtype)
