@@ -112,7 +112,8 @@ def dataclass_from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
+        # a dataclass's own check (a ConfigError too) knows the value, not the file and site
+        if isinstance(err, ConfigError) and str(err).startswith(where):
             raise
         raise ConfigError(f"{where}: {err}") from err
 

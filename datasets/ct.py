@@ -39,7 +39,6 @@ import logging
 import math
 import operator as _operator
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +48,10 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fedrecon.operators import FanBeam2D, ParallelBeam2D, fbp, simulate_low_dose
+from fedrecon.operators import FILTERS, FanBeam2D, ParallelBeam2D, fbp, simulate_low_dose
 from torch import Tensor
+
+from .fastmri_write import temp_file_beside
 
 __all__ = [
     "CT_UNITS",
@@ -381,8 +382,7 @@ def write_ct_volume(path: str | Path, image: np.ndarray | Tensor, *, units: str,
         raise FileExistsError(f"write_ct_volume: '{path}' exists; pass overwrite=True to "
                               f"replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file_beside(path)  # mode 0666 less the umask, not mkstemp's 0600
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("image", data=arr, chunks=(1, *arr.shape[1:]),
@@ -409,6 +409,9 @@ def _read_info(f: h5py.File, path: Path) -> CTVolumeInfo:
     if "image" not in f or not isinstance(f["image"], h5py.Dataset):
         raise CTFileError(f"'{path}': missing key 'image'; expected {expected}")
     shape = f["image"].shape
+    if f["image"].dtype.kind not in "fiu":  # complex, strings, ...: not CT numbers
+        raise CTFileError(f"'{path}': dataset 'image' has dtype {f['image'].dtype}; expected "
+                          f"real numbers (float32, or integer HU as stored by DICOM)")
     if len(shape) != 3 or 0 in shape:
         raise CTFileError(f"'{path}': dataset 'image' has shape {shape}; expected rank 3 (S, H, W) "
                           f"with S, H, W >= 1")
@@ -581,6 +584,9 @@ class CTSliceDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.split = split
         self.return_fbp = bool(return_fbp)
+        if fbp_filter.lower().replace("_", "-") not in FILTERS:
+            raise ValueError(f"CTSliceDataset: argument 'fbp_filter' must be one of {FILTERS}; "
+                             f"got {fbp_filter!r}")
         self.fbp_filter = fbp_filter
         self.operator = acquisition.make_operator(image_size)
         self.image_size: tuple[int, int] = self.operator.image_size

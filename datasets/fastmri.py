@@ -32,10 +32,10 @@ __all__ = [
     "FastMRIReadError",
     "FastMRISliceDataset",
     "HeaderInfo",
+    "MRIBatch",
     "MRISample",
     "SkippedFile",
     "VolumeInfo",
-    "MRIBatch",
     "collate_mri_samples",
     "parse_ismrmrd_header",
     "read_volume_info",
@@ -164,7 +164,7 @@ def _volume_info(hf: h5py.File, path: Path, challenge: Challenge) -> VolumeInfo:
     n_slices, width = ksp.shape[0], ksp.shape[-1]
     if "ismrmrd_header" not in hf:
         raise FastMRIFormatError(f"{path}: missing dataset 'ismrmrd_header' (ISMRMRD XML)")
-    header = parse_ismrmrd_header(hf["ismrmrd_header"][()], str(path))
+    header = parse_ismrmrd_header(_header_text(hf, path), str(path))
     if header.encoding_size[1] != width:
         raise FastMRIFormatError(f"{path}: ismrmrd_header encodedSpace/matrixSize/y = "
                                  f"{header.encoding_size[1]} must equal the k-space width {width}")
@@ -179,12 +179,12 @@ def _volume_info(hf: h5py.File, path: Path, challenge: Challenge) -> VolumeInfo:
         raise FastMRIFormatError(f"{path}: missing dataset {key!r} (the {challenge} target of "
                                  "train/val files) and no 'mask' (of test/challenge files)")
     if target_key is not None:
-        tgt = hf[target_key]
+        tgt = _dataset(hf, target_key, path, f"float32 (S, h, w) with S = {n_slices}")
         if tgt.dtype.kind != "f" or tgt.ndim != 3 or tgt.shape[0] != n_slices:
             raise FastMRIFormatError(f"{path}: {target_key!r} must be float32 (S, h, w) with "
                                      f"S = {n_slices}; got {tgt.dtype} {tgt.shape}")
     if has_mask:
-        mask = hf["mask"]
+        mask = _dataset(hf, "mask", path, f"float/bool (W,) = ({width},)")
         if mask.shape != (width,) or mask.dtype.kind not in "fbiu":
             raise FastMRIFormatError(f"{path}: 'mask' must be float/bool (W,) = ({width},); "
                                      f"got {mask.dtype} {mask.shape}")
@@ -201,6 +201,26 @@ def _volume_info(hf: h5py.File, path: Path, challenge: Challenge) -> VolumeInfo:
         acquisition=_as_str(attrs.get("acquisition", "")), target_key=target_key,
         has_mask=has_mask, acceleration=None if acc is None else float(acc),
         num_low_frequency=None if nlf is None else int(nlf))
+
+
+def _dataset(hf: h5py.File, key: str, path: Path, expected: str) -> h5py.Dataset:
+    """``hf[key]``, which must be a dataset (not a group or a link to nowhere)."""
+    obj = hf.get(key)
+    if not isinstance(obj, h5py.Dataset):
+        raise FastMRIFormatError(f"{path}: {key!r} must be a dataset {expected}; "
+                                 f"got {type(obj).__name__}")
+    return obj
+
+
+def _header_text(hf: h5py.File, path: Path) -> bytes | str:
+    """The XML of ``ismrmrd_header``: a scalar string (fastMRI), or a one-element array."""
+    value = _dataset(hf, "ismrmrd_header", path, "(ISMRMRD XML string)")[()]
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(-1)[0]
+    if not isinstance(value, (bytes, str)):
+        raise FastMRIFormatError(f"{path}: 'ismrmrd_header' must hold the ISMRMRD XML as a "
+                                 f"string; got {getattr(value, 'dtype', type(value).__name__)}")
+    return value
 
 
 def _check_complete(ds: h5py.Dataset, path: Path) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,31 @@ __all__ = [
     "ISMRMRD_NAMESPACE",
     "atomic_h5_file",
     "ismrmrd_header_xml",
+    "temp_file_beside",
     "write_fastmri_volume",
 ]
 
 ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
 _GAMMA_HZ_PER_T = 42.577478e6
 _RESERVED_ATTRS = ("max", "norm", "acquisition", "patient_id")
+
+
+def temp_file_beside(path: Path) -> Path:
+    """Create an empty hidden temporary file in ``path``'s folder and return its path.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600) the file is created with mode 0666 less
+    the umask, like any ``open(..., "w")``: a dataset written by one user stays readable by
+    the colleagues and services that share its folder once it is moved into place.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
 
 
 @contextlib.contextmanager
@@ -55,9 +74,7 @@ def atomic_h5_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_file_beside(path)
     try:
         with h5py.File(tmp, "w") as hf:
             yield hf
@@ -226,8 +243,11 @@ def write_fastmri_volume(
         Extra file attributes (e.g. ``acceleration``, ``num_low_frequency`` of test files);
         they must not repeat the attributes set by the other arguments.
     acquired_columns : (start, stop), optional
-        Acquired phase-encode columns; default: the range of columns with nonzero k-space
-        (so zero padding on both sides is detected). Sets the header's encoding limits.
+        Acquired phase-encode columns; sets the header's encoding limits. Default for fully
+        sampled k-space: the range of columns with nonzero k-space (so zero padding on both
+        sides is detected). Default with ``mask`` (undersampled k-space, where an unsampled
+        column cannot be told from padding): the whole width ``(0, W)``; pass the true
+        range for zero-padded test volumes.
     voxel_size_mm : (dx, dy, dz)
         Voxel size for the header's fields of view.
 
@@ -266,7 +286,12 @@ def write_fastmri_volume(
             if np.iscomplexobj(mask_arr) or not np.issubdtype(mask_arr.dtype, np.number):
                 raise TypeError(f"argument 'mask' must be float or bool; got {mask_arr.dtype}")
             mask_arr = mask_arr.astype(np.float32)
-    cols = _acquired_columns(ksp) if acquired_columns is None else acquired_columns
+    if acquired_columns is not None:
+        cols = acquired_columns
+    elif mask_arr is not None:  # the first/last sampled line is not where acquisition began
+        cols = (0, width)
+    else:
+        cols = _acquired_columns(ksp)
 
     file_attrs: dict[str, Any] = {"acquisition": str(acquisition)}
     target = esc_t if (ksp.ndim == 3 and esc_t is not None) or rss_t is None else rss_t

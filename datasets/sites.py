@@ -59,10 +59,10 @@ __all__ = [
     "DataSource",
     "MRIAcquisition",
     "SiteSpec",
-    "dump_site_specs",
-    "load_site_specs",
     "check_unique_names",
     "ct_acquisition_class",
+    "dump_site_specs",
+    "load_site_specs",
     "site_specs_to_toml",
 ]
 
@@ -122,8 +122,8 @@ class MRIAcquisition:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"MRIAcquisition: 'mask_type' must be one of {tuple(MASK_TYPES)};"
                               f" got {self.mask_type!r}{hint}")
-        if not self.acceleration >= 1:
-            raise ConfigError(f"MRIAcquisition: 'acceleration' must be >= 1; "
+        if not (math.isfinite(self.acceleration) and self.acceleration >= 1):
+            raise ConfigError(f"MRIAcquisition: 'acceleration' must be a finite number >= 1; "
                               f"got {self.acceleration}")
         if self.mask_type in _INTEGER_ACCELERATION and self.acceleration != int(self.acceleration):
             raise ConfigError(f"MRIAcquisition: mask_type {self.mask_type!r} needs an integer "
@@ -131,7 +131,8 @@ class MRIAcquisition:
         if not 0 <= self.center_fraction <= 1:
             raise ConfigError(f"MRIAcquisition: 'center_fraction' must lie in [0, 1]; "
                               f"got {self.center_fraction}")
-        if self.n_coils < 1 or self.calib_size < 0 or self.noise_std < 0:
+        if self.n_coils < 1 or self.calib_size < 0 or not (math.isfinite(self.noise_std)
+                                                            and self.noise_std >= 0):
             raise ConfigError(f"MRIAcquisition: need n_coils >= 1, calib_size >= 0 and "
                               f"noise_std >= 0; got {self.n_coils}, {self.calib_size}, "
                               f"{self.noise_std}")
