@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import random
+import warnings
 import xml.etree.ElementTree as etree
 from collections.abc import Sequence
 from pathlib import Path
@@ -165,13 +166,20 @@ def _volume_info(hf: h5py.File, path: Path, challenge: Challenge) -> VolumeInfo:
     if "ismrmrd_header" not in hf:
         raise FastMRIFormatError(f"{path}: missing dataset 'ismrmrd_header' (ISMRMRD XML)")
     header = parse_ismrmrd_header(_header_text(hf, path), str(path))
-    if header.encoding_size[1] != width:
-        raise FastMRIFormatError(f"{path}: ismrmrd_header encodedSpace/matrixSize/y = "
-                                 f"{header.encoding_size[1]} must equal the k-space width {width}")
-    if not 0 <= header.padding_left < header.padding_right <= width:
-        raise FastMRIFormatError(
-            f"{path}: ismrmrd_header kspace_encoding_step_1 gives acquired columns "
-            f"[{header.padding_left}, {header.padding_right}) outside [0, {width})")
+    left, right = header.padding_left, header.padding_right
+    if header.encoding_size[1] != width or not 0 <= left < right <= width:
+        # fastMRI reads such files without a check; the acquired columns are kept inside
+        # the k-space (a header written for another matrix should not make a file unusable)
+        clipped = max(0, left), min(width, right)
+        if clipped[0] >= clipped[1]:
+            raise FastMRIFormatError(
+                f"{path}: ismrmrd_header kspace_encoding_step_1 gives acquired columns "
+                f"[{left}, {right}), none of them inside the k-space width [0, {width})")
+        warnings.warn(f"{path}: ismrmrd_header (encodedSpace/matrixSize/y = "
+                      f"{header.encoding_size[1]}, acquired columns [{left}, {right})) does "
+                      f"not match the k-space width {width}; using the acquired columns "
+                      f"[{clipped[0]}, {clipped[1]})", stacklevel=3)
+        header = dataclasses.replace(header, padding_left=clipped[0], padding_right=clipped[1])
     key = _TARGET_KEY[challenge]
     has_mask = "mask" in hf
     target_key = key if key in hf else None

@@ -62,3 +62,25 @@ def test_header_stored_as_one_element_array(tmp_path):
     # fastMRI: padding_left = W // 2 - center, padding_right = padding_left + maximum + 1
     assert (info.padding_left, info.padding_right) == (1, 22)
     assert info.encoding_size == (H, W, 1) and info.recon_size == (8, 8, 1)
+
+
+def test_header_for_another_width_warns_and_keeps_columns_inside(tmp_path):
+    """fastMRI reads a file whose header's encoded width differs from the k-space without a
+    check; here it is read too, with a warning, the acquired columns clipped to the k-space
+    (fastMRI's formula: padding_left = enc_y // 2 - center, padding_right = left + max + 1)."""
+    # enc_y = 31 with acquired columns (1, 30): padding [1, 30), width 23 -> [1, 23)
+    path = _write(tmp_path / "file1.h5", header=ismrmrd_header_xml((H, 31, 1), (8, 8), (1, 30), S))
+    with pytest.warns(UserWarning, match="does not match the k-space width 23"):
+        info = read_volume_info(path, "multicoil")
+    assert (info.padding_left, info.padding_right) == (1, W)
+    with pytest.warns(UserWarning):
+        ds = FastMRISliceDataset(path)
+    assert len(ds) == S
+
+
+def test_header_with_no_acquired_column_inside_is_an_error(tmp_path):
+    # enc_y = 101, center 0 -> padding_left = 50 >= width 23: nothing acquired in the file
+    header = ismrmrd_header_xml((H, 101, 1), (8, 8), (50, 60), S)
+    path = _write(tmp_path / "file1.h5", header=header)
+    with pytest.raises(FastMRIFormatError, match="none of them inside"):
+        read_volume_info(path, "multicoil")
