@@ -15,8 +15,17 @@ from torch import Tensor, nn
 
 from fedrecon.models import Partition, Scope
 
-__all__ = ["StateDict", "TrainingPlan", "SiteInstructions", "SiteUpdate", "PartitionViolation",
-           "make_update", "check_update", "weighted_average", "state_nbytes"]
+__all__ = [
+    "PartitionViolation",
+    "SiteInstructions",
+    "SiteUpdate",
+    "StateDict",
+    "TrainingPlan",
+    "check_update",
+    "make_update",
+    "state_nbytes",
+    "weighted_average",
+]
 
 StateDict = dict[str, Tensor]
 
@@ -152,7 +161,7 @@ def check_update(update: SiteUpdate, allowed: Sequence[str],
         if shapes is not None and name in shapes and t.shape != shapes[name]:
             raise ValueError(f"update from site '{update.site_id}': '{name}' has shape "
                              f"{tuple(t.shape)}, expected {tuple(shapes[name])}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"update from site '{update.site_id}': '{name}' has NaN/Inf")
 
 
@@ -168,8 +177,9 @@ def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[f
         raise ValueError(f"weighted_average: weights must sum to > 0; got {list(weights)}")
     keys = list(states[0])
     for s in states[1:]:
-        if list(s) != keys:
-            raise ValueError("weighted_average: states have different keys")
+        if s.keys() != states[0].keys():  # as sets: the order of a received dict is not part of it
+            raise ValueError(f"weighted_average: states have different keys: "
+                             f"{sorted(set(s) ^ set(keys))[:5]}")
     out: StateDict = {}
     for k in keys:
         ref = states[0][k]

@@ -23,7 +23,7 @@ from torch import Tensor
 from .messages import SiteUpdate, StateDict
 from .strategy import ServerState, Strategy
 
-__all__ = ["CoordinateMedian", "TrimmedMean", "MultiKrum", "krum_scores"]
+__all__ = ["CoordinateMedian", "MultiKrum", "TrimmedMean", "krum_scores"]
 
 
 def _combine(states: Sequence[StateDict], reduce: Callable[[Tensor], Tensor]) -> StateDict:
@@ -138,7 +138,8 @@ class MultiKrum(_Robust):
         keys = [k for k, v in new[0].items() if v.is_floating_point()]
         vectors = torch.stack([torch.cat([s[k].reshape(-1).double() for k in keys]) for s in new])
         m = min(n, self.select if self.select is not None else max(n - self.byzantine, 1))
-        order = krum_scores(vectors, self.byzantine).argsort()[:m]
+        # stable: equal scores go to the earlier site, whatever the sort's internals
+        order = krum_scores(vectors, self.byzantine).argsort(stable=True)[:m]
         self.last_selected = sorted(int(i) for i in order)
         return [new[i] for i in self.last_selected]
 

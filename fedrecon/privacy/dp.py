@@ -105,17 +105,22 @@ class DPConfig:
         return (z**-2 - (2 * self.count_noise_multiplier) ** -2) ** -0.5
 
 
+def _is_float(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 def update_norm(delta: Mapping[str, Tensor]) -> float:
-    """L2 norm over every floating tensor of ``delta``."""
-    return math.sqrt(sum(float(t.double().square().sum()) for t in delta.values()
-                         if t.is_floating_point()))
+    """L2 norm over every floating (real or complex) tensor of ``delta``."""
+    # abs() first: a complex tensor's .double() would drop its imaginary part
+    return math.sqrt(sum(float(t.abs().double().square().sum()) for t in delta.values()
+                         if _is_float(t)))
 
 
 def clip_update(delta: Mapping[str, Tensor], clip_norm: float) -> tuple[dict[str, Tensor], float]:
     """``delta * min(1, C / ||delta||)`` and the norm before clipping."""
     norm = update_norm(delta)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return {k: (v * scale if v.is_floating_point() else v) for k, v in delta.items()}, norm
+    return {k: (v * scale if _is_float(v) else v) for k, v in delta.items()}, norm
 
 
 class PrivacyAccountant:

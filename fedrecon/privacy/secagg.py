@@ -45,8 +45,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .shamir import Share, combine_shares, int_to_secret, secret_to_int, split_secret
 
-__all__ = ["SecAggConfig", "SecureAggregationError", "SecAggClient", "SecAggServer",
-           "ServerView", "SecureSum", "secure_sum", "quantize", "dequantize"]
+__all__ = [
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggServer",
+    "SecureAggregationError",
+    "SecureSum",
+    "ServerView",
+    "dequantize",
+    "quantize",
+    "secure_sum",
+]
 
 _Y_BYTES = 66  # a GF(2^521 - 1) element
 
@@ -300,7 +309,7 @@ def _recover(shares: Sequence[Share], threshold: int, check: Callable[[int], boo
         raise SecureAggregationError(f"{what}: {len(shares)} shares, need {threshold} (too many "
                                      f"sites dropped out to unmask); round abandoned")
     for subset in itertools.islice(itertools.combinations(shares, threshold), max_tries):
-        value = combine_shares(subset)
+        value = combine_shares(subset, threshold=threshold)
         if check(value):
             return value
     raise SecureAggregationError(f"{what}: no {threshold} of the {len(shares)} shares match the "

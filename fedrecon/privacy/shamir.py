@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-__all__ = ["PRIME", "Share", "split_secret", "combine_shares", "secret_to_int", "int_to_secret"]
+__all__ = ["PRIME", "Share", "combine_shares", "int_to_secret", "secret_to_int", "split_secret"]
 
 #: The Mersenne prime 2^521 - 1: larger than any 32-byte secret, cheap to reduce by.
 PRIME = (1 << 521) - 1
@@ -55,11 +55,15 @@ def split_secret(secret: int, *, threshold: int, xs: Sequence[int]) -> list[Shar
     return shares
 
 
-def combine_shares(shares: Sequence[Share]) -> int:
-    """Lagrange interpolation at 0 through ``shares`` (pass exactly ``threshold`` of them:
-    more points of a lower-degree polynomial give the same value, fewer a wrong one)."""
+def combine_shares(shares: Sequence[Share], *, threshold: int | None = None) -> int:
+    """Lagrange interpolation at 0 through ``shares`` (at least ``threshold`` of them: more
+    points of a lower-degree polynomial give the same value, fewer a wrong one -- which is
+    why fewer than ``threshold``, when given, is refused)."""
     if not shares:
         raise ValueError("argument 'shares' is empty")
+    if threshold is not None and len(shares) < threshold:
+        raise ValueError(f"argument 'shares' holds {len(shares)} shares; the secret needs "
+                         f"threshold = {threshold}")
     xs = [x for x, _ in shares]
     if len(set(xs)) != len(xs):
         raise ValueError("argument 'shares' has repeated points")
