@@ -6,8 +6,11 @@ norm ``C``; the server averages the clipped updates with uniform weights and Gau
 of standard deviation ``z C`` is added to their sum -- by the server (``noise="central"``,
 a trusted aggregator) or as ``N(0, (z C)^2 / n)`` by each of the ``n`` sampled sites
 (``noise="distributed"``, meant to be combined with secure aggregation, so the server only
-sees the noised sum). Neighbouring federations differ by one site's whole contribution
-(add/remove), so the sum's sensitivity is ``C``.
+sees the noised sum). Neighbouring federations differ in one site's whole contribution,
+replaced by zero (zero-out adjacency: the set of sites, and so the number ``m`` of answering
+sites the server divides by, is public), so the sum's sensitivity is ``C``. Under add/remove
+adjacency the released mean, divided by the observed ``m``, would reveal whether a site took
+part; the epsilon reported here does not cover that.
 
 Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning
 with Adaptive Clipping", NeurIPS 2021): sites also report whether their update was within

@@ -39,7 +39,7 @@ from .dp import PrivacyAccountant, clip_update
 from .secagg import SecureSum, secure_sum
 from .validation import ValidationConfig, update_delta, validate_updates
 
-__all__ = ["UpdatePipeline", "PipelineResult", "AGGREGATE_ID"]
+__all__ = ["AGGREGATE_ID", "PipelineResult", "UpdatePipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,17 @@ class UpdatePipeline:
             vectors[u.site_id] = np.concatenate([w * flat, extra])
         result = PipelineResult(server, rejected)
         if self.masks_updates:
+            # each site checks its vector before masking: a value beyond the fixed-point range
+            # would be clipped inside the secure sum and the mean silently wrong
+            limit = self.config.secure_aggregation.clip_range
+            for sid, v in vectors.items():
+                peak = float(np.abs(v).max(initial=0.0))
+                if not peak <= limit:
+                    raise ValueError(
+                        f"round {round}: site '{sid}' would send a value of {peak:.6g} (its "
+                        f"update times its example count, or the count itself) beyond secure "
+                        f"aggregation's clip_range {limit:g}, which the secure sum would clip; "
+                        f"raise 'clip_range' in the secure_aggregation settings")
             # a site dropped by the runner shared its keys and then vanished mid-round
             dims = next(iter(vectors.values())).size
             everyone = dict(vectors) | {s: np.zeros(dims) for s in missing}

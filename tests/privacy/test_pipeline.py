@@ -60,7 +60,7 @@ def test_secure_aggregate_equals_plain_strategy(cls, dropped):
 
 def test_runner_with_secure_aggregation_and_a_dropout_matches_fedavg(tmp_path):
     files = write_ct_files(tmp_path / "data", 3)
-    kw = dict(rounds=2, progress=False, seed=4, drop_prob=0.3)
+    kw = {"rounds": 2, "progress": False, "seed": 4, "drop_prob": 0.3}
     plain = SimulationRunner(make_ct_sites(files, 3), FedAvg(local_steps=1), run_dir=tmp_path / "p", **kw)
     sums = []
     secure = SimulationRunner(make_ct_sites(files, 3), FedAvg(local_steps=1), run_dir=tmp_path / "s",
@@ -125,3 +125,24 @@ def test_privacy_config_errors_name_the_key():
                                         "noise": "distributed"}})
     with pytest.raises(PrivacyConfigError, match="unknown strategy"):
         check_privacy_compatibility("fedavgg", {})
+
+
+def test_values_beyond_the_secure_range_are_refused_not_clipped():
+    """A weighted update beyond ``clip_range`` would be clipped inside the secure sum (a wrong
+    mean with a log line); it is refused by name before masking, and a range wide enough
+    gives the plain FedAvg mean."""
+    start = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    ups = _updates(3)
+    ups[2].tensors["a"][0, 0] = 40.0  # times 8 examples: 320 > 256
+    strategy = FedAvg()
+    strategy.initialize(start, [u.site_id for u in ups])
+    pipe = UpdatePipeline(PrivacyConfig(secure_aggregation=SecAggConfig(clip_range=256.0)))
+    sent = [pipe.at_site(0, u, start, n_sampled=3) for u in ups]
+    with pytest.raises(ValueError, match=r"site 's2'.*clip_range 256"):
+        pipe.aggregate(0, strategy, sent, missing=[], names=list(SHAPES), shapes=SHAPES)
+    wide = UpdatePipeline(PrivacyConfig(secure_aggregation=SecAggConfig(clip_range=512.0)))
+    sent = [wide.at_site(0, u, start, n_sampled=3) for u in ups]
+    res = wide.aggregate(0, strategy, sent, missing=[], names=list(SHAPES), shapes=SHAPES)
+    weights = torch.tensor([float(u.num_examples) for u in ups])
+    ref = sum(w * u.tensors["a"] for w, u in zip(weights, ups)) / weights.sum()
+    assert (res.state.global_state["a"] - ref).abs().max() <= 1e-4
