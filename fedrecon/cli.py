@@ -90,11 +90,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     prepare_run_dir(out)
     created = not out.exists()
+    existing = set() if created else set(out.iterdir())
+    root = Path(cfg.data_root or (out / "data")).resolve()
+    # what a failed start must remove again: the data folders it simulated, the run files
+    fresh = [d for d in (root, *(root / e.name for e in cfg.sites)) if not d.exists()]
     started = False
     try:
         out.mkdir(parents=True, exist_ok=True)
-        root = cfg.data_root or (out / "data")
-        cfg = materialize_synthetic(cfg, Path(root).resolve())
+        cfg = materialize_synthetic(cfg, root)
         exp = build_experiment(cfg)
         runner = exp.runner(out, progress=not args.quiet)
         tmp = out / f".{RUN_CONFIG_NAME}.tmp"
@@ -103,9 +106,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         started = True
         return _run(runner, out, cfg.rounds)
     except BaseException:
-        if created and not started:
-            shutil.rmtree(out, ignore_errors=True)
+        if not started:
+            _remove_new(out, created, existing, fresh)
         raise
+
+
+def _remove_new(out: Path, created: bool, existing: set[Path], fresh: Sequence[Path]) -> None:
+    """Undo a failed ``train`` start: remove ``out`` if it was created, else what was added
+    to it, and the data folders in ``fresh`` (they did not exist before)."""
+    for folder in fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in set(out.iterdir()) - existing if out.is_dir() else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _resumed_runner(exp: Any, run: Path, **kw: Any) -> Any:
+    """``exp.runner(run, resume=True, ...)``; an unreadable checkpoint, or one that does not
+    match the run's config, is a user error naming the file."""
+    from .experiment import RUN_CONFIG_NAME, ConfigError
+
+    path = run / "checkpoint.pt"
+    try:
+        return exp.runner(run, resume=True, **kw)
+    except (ConfigError, CLIError, FileNotFoundError):
+        raise
+    except ValueError as err:  # the runner's own checks: format, sites, strategy
+        msg = str(err)
+        if msg.startswith(str(path)):
+            msg = msg[len(str(path)):].lstrip(": ")
+        raise CLIError(f"{path} does not match {run / RUN_CONFIG_NAME}: {msg}") from err
+    except Exception as err:  # torch.load and the restore of a damaged file
+        raise CLIError(f"{path}: cannot read the checkpoint ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0] if str(err) else 'damaged file'}); restore "
+                       f"a copy or start the run again") from err
 
 
 def _run(runner: Any, out: Path, rounds: int) -> int:
@@ -132,8 +171,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise CLIError(f"{run}: not a fedrecon run folder (no {RUN_CONFIG_NAME})")
     cfg = load_config(path)
     exp = build_experiment(cfg)
-    runner = exp.runner(run, resume=True, progress=not args.quiet, rounds=args.rounds)
+    runner = _resumed_runner(exp, run, progress=not args.quiet, rounds=args.rounds)
     rounds = runner.config.rounds
+    if rounds < runner.completed_rounds:
+        raise CLIError(f"--rounds {rounds}: the run in {run} has already completed "
+                       f"{runner.completed_rounds} rounds; a run can only be extended")
     if rounds != cfg.rounds:  # the run was extended: the effective config says so
         import dataclasses
 
@@ -161,7 +203,7 @@ def _restore(run: Path) -> tuple[Any, Any, dict[str, Any]]:
         raise CLIError(f"--run {run}: no checkpoint.pt (the run never completed a round)")
     cfg = load_config(path)
     exp = build_experiment(cfg)
-    runner = exp.runner(run, resume=True, progress=False)
+    runner = _resumed_runner(exp, run, progress=False)
     if runner.completed_rounds == 0:
         raise CLIError(f"--run {run}: no round completed yet; nothing to evaluate")
     models = site_models(exp, runner)
@@ -190,10 +232,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .runners import read_metrics
 
     runs = [Path(r) for r in args.run]
+    labels = {Path(k).resolve(): v for k, v in (args.label or {}).items()}
+    unknown = [str(k) for k in labels if k not in {r.resolve() for r in runs}]
+    if unknown:
+        raise CLIError(f"--label: {unknown[0]} is not one of the --run folders")
     restored = {}
     for run in runs:
         cfg, exp, models = _restore(run)
-        method = args.label.get(str(run)) if args.label else None
+        method = labels.get(run.resolve())
         name = method or cfg.strategy_name
         if name in restored:
             name = f"{name}@{run.name}"
@@ -324,6 +370,24 @@ def _labels(values: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
+def _int_at_least(low: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(1, text)
+
+
+def _nonnegative_int(text: str) -> int:
+    return _int_at_least(0, text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedrecon", description="Federated physics-informed "
                                 "reconstruction: simulate sites, train, resume, evaluate.")
@@ -333,35 +397,40 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate-data", help="write synthetic multi-site fastMRI/CT files")
     s.add_argument("--config", required=True, help="a sites file or run config (TOML)")
     s.add_argument("--out", required=True, help="data folder: <out>/<site>/<split>/*.h5")
-    s.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    s.add_argument("--seed", type=_nonnegative_int, default=None,
+                   help="overrides the config's seed (>= 0)")
     s.set_defaults(func=cmd_simulate_data)
 
     s = sub.add_parser("train", help="federated training from a TOML config")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", required=True, help="run config (TOML)")
     s.add_argument("--out", required=True, help="run folder (must not hold a run)")
-    s.add_argument("--rounds", type=int, default=None, help="overrides the config's rounds")
+    s.add_argument("--rounds", type=_positive_int, default=None,
+                   help="overrides the config's rounds (>= 1)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("resume", help="continue an interrupted run")
-    s.add_argument("--run", required=True)
-    s.add_argument("--rounds", type=int, default=None, help="extend the run to N rounds")
+    s.add_argument("--run", required=True, help="the run folder of 'fedrecon train --out'")
+    s.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
+                   help="extend the run to N rounds (at least the rounds already completed)")
     s.set_defaults(func=cmd_resume)
 
     s = sub.add_parser("evaluate", help="evaluate runs on a split (fastMRI metrics)")
     s.add_argument("--run", required=True, nargs="+", help="one or more run folders")
-    s.add_argument("--data-split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--data-split", default="test", choices=["train", "val", "test"],
+                   help="the sites' split to evaluate on (default: test)")
     s.add_argument("--out", required=True, help="evaluation folder (written atomically)")
     s.add_argument("--baselines", nargs="*", default=None,
-                   help="classical baselines (none listed: all of the modality: zero_filled "
-                        "sense tv for MRI, fbp tv for CT)")
+                   help="classical baselines, tuned on each site's val split (the flag alone: "
+                        "all of the modality: zero_filled sense tv for MRI, fbp tv for CT; "
+                        "without the flag: none)")
     s.add_argument("--label", nargs="*", default=None, metavar="RUN_DIR=NAME",
                    help="method name of a run in the tables (default: its strategy)")
     s.add_argument("--data", default=None, metavar="FOLDER",
                    help="evaluate on the .h5 files of FOLDER instead of a split (with --site)")
     s.add_argument("--site", default=None, help="with --data: the site whose model and "
                    "acquisition are used")
-    s.add_argument("--title", default=None)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--title", default=None, help="title of report.md")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     s.add_argument("--no-reconstructions", action="store_true",
                    help="skip writing the reconstruction .h5 files")
     s.set_defaults(func=cmd_evaluate)

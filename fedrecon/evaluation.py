@@ -45,17 +45,31 @@ def volume_metrics(recon: Tensor | np.ndarray, target: Tensor | np.ndarray,
                    maxval: float | None = None) -> dict[str, float]:
     """fastMRI's volume metrics of ``(S, H, W)`` arrays (float64): PSNR with data range
     ``maxval`` (default: the target volume's max), SSIM per slice with that range then
-    averaged, NMSE over the volume."""
-    x = torch.as_tensor(np.asarray(recon), dtype=torch.float64)
-    t = torch.as_tensor(np.asarray(target), dtype=torch.float64)
+    averaged, NMSE over the volume.
+
+    Complex arrays are scored by their magnitude, as fastMRI scores magnitude images. The
+    data range must be positive: an all-zero (or all-negative) target without ``maxval`` is
+    a ``ValueError`` rather than a silent ``-inf`` / ``nan``. A perfect reconstruction gets a
+    finite PSNR (the MSE is floored at 1e-300) where fastMRI's would be ``inf``."""
+    x, t = _magnitude(recon), _magnitude(target)
     if x.shape != t.shape or x.ndim != 3:
         raise ValueError(f"volume_metrics: 'recon' {tuple(x.shape)} and 'target' "
                          f"{tuple(t.shape)} must be equal (S, H, W) volumes")
     dr = float(t.max()) if maxval is None else float(maxval)
+    if not dr > 0:
+        what = "argument 'maxval'" if maxval is not None else "the target volume's maximum"
+        raise ValueError(f"volume_metrics: {what} is {dr}; PSNR and SSIM need a positive "
+                         f"data range")
     mse = float((x - t).square().mean())
     return {"psnr": 10.0 * float(np.log10(dr**2 / max(mse, 1e-300))),
             "ssim": float(ssim(x, t, dr).mean()),
             "nmse": float(nmse(x.reshape(1, -1, x.shape[-1]), t.reshape(1, -1, t.shape[-1]))[0])}
+
+
+def _magnitude(a: Tensor | np.ndarray) -> Tensor:
+    """``a`` as a float64 CPU tensor; complex values by their magnitude."""
+    t = torch.as_tensor(a.detach().cpu() if isinstance(a, Tensor) else np.asarray(a))
+    return (t.abs() if t.is_complex() else t).to(torch.float64)
 
 
 def _hu(mu: Tensor) -> Tensor:
@@ -111,7 +125,10 @@ def evaluate_volumes(method: Method, loader: Iterable, *, op_factory: OpFactory 
         order = sorted(by_slice)
         recon = torch.stack([by_slice[s][0] for s in order])
         target = torch.stack([by_slice[s][1] for s in order])
-        m = volume_metrics(recon, target)
+        try:
+            m = volume_metrics(recon, target)
+        except ValueError as err:
+            raise ValueError(f"volume {fname!r}: {err}") from None
         if is_ct:
             m |= hu_window_metrics(recon, target)
         m["slices"] = float(len(order))

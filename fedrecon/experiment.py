@@ -98,7 +98,8 @@ class RunConfig:
         Local work per round: optimizer steps, or epochs of the site's training data (one of
         the two; ``local_epochs`` wins when given).
     lr, batch_size, loss, grad_clip
-        Each site's Adam learning rate, batch size, loss (l1 | mse | ssim), clipping norm.
+        Each site's Adam learning rate, batch size, loss (l1 | mse | ssim), gradient
+        clipping norm (0: no clipping).
     fraction, min_sites, drop_prob, retries, eval_every
         Participation: fraction of sites sampled per round, the minimum that must answer,
         the probability that a sampled site drops (simulation), resampling retries, and the
@@ -232,6 +233,11 @@ def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,
             raise ConfigError(f"{where}: key '{key}' must be >= 1; got {kw[key]}")
     if kw.get("local_epochs") is not None and kw["local_epochs"] < 1:
         raise ConfigError(f"{where}: key 'local_epochs' must be >= 1; got {kw['local_epochs']}")
+    if kw.get("seed", 0) < 0:
+        raise ConfigError(f"{where}: key 'seed' must be >= 0; got {kw['seed']}")
+    if kw.get("grad_clip", 1.0) < 0:
+        raise ConfigError(f"{where}: key 'grad_clip' must be >= 0 (0: no clipping); "
+                          f"got {kw['grad_clip']}")
     if "lr" in kw and not kw["lr"] > 0:
         raise ConfigError(f"{where}: key 'lr' must be > 0; got {kw['lr']}")
     from fedrecon.train.loop import LOSSES
@@ -319,7 +325,7 @@ def _compressor(table: Mapping[str, Any], where: str = "[compression]") -> Any:
 
 
 def _check_strategy(strategy: dict[str, Any], where: str) -> None:
-    from fedrecon.federated import STRATEGIES, strategy_kwargs
+    from fedrecon.federated import STRATEGIES, make_strategy, strategy_kwargs
 
     name = strategy["name"]
     if name in SPECIAL_STRATEGIES:
@@ -341,6 +347,45 @@ def _check_strategy(strategy: dict[str, Any], where: str) -> None:
         if not isinstance(roles, list) or any(r not in known for r in roles):
             raise ConfigError(f"{where}: key 'local_roles' must be a list of roles from "
                               f"{known}; got {roles!r}")
+    types = _strategy_value_types(STRATEGIES[name])
+    kwargs = {k: v for k, v in strategy.items() if k != "name"}
+    for key, value in kwargs.items():
+        want = types.get(key)
+        if want is not None and (isinstance(value, bool) != (bool in want)
+                                 or not isinstance(value, want)):
+            raise ConfigError(f"{where}: key '{key}' of strategy '{name}' must be "
+                              f"{' or '.join(t.__name__ for t in want)}; got {value!r}")
+    try:  # the strategy's own range checks, before anything is written
+        make_strategy(name, local_steps=1, lr=1e-3, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _strategy_value_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """``key -> accepted TOML value types`` of a strategy's scalar keyword arguments, read
+    from their defaults (or, for a ``None`` default, their annotation)."""
+    import inspect
+
+    names = {"bool": (bool,), "int": (int,), "float": (float, int), "str": (str,)}
+    out: dict[str, tuple[type, ...]] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        for p in params:
+            if p.name in out or p.default is inspect.Parameter.empty:
+                continue
+            if p.default is not None:
+                kind = type(p.default).__name__
+            else:  # "int | None" -> int; anything else is left to the strategy
+                parts = [t.strip() for t in str(p.annotation).split("|") if t.strip() != "None"]
+                kind = parts[0] if len(parts) == 1 else ""
+            if kind in names:
+                out[p.name] = names[kind]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return out
 
 
 def _check_privacy(strategy: str, privacy: dict[str, Any], where: str) -> None:
@@ -624,8 +669,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
             targets = global_names_with_roles(factory(), strategy.partition, [Role.CONDITIONING])
             strategy = make_strategy(strategy_name, local_steps=steps, lr=cfg.lr,
                                      targets=targets, **kwargs)
-    except ValueError as err:
-        raise ConfigError(f"[strategy]: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{cfg.source or 'config'}: [strategy]: {err}") from None
     partition: Partition = strategy.partition
     sites = [Site.from_datasets(
         entry.name, datasets[entry.name], modality=entry.spec.modality,
@@ -635,8 +680,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         protocol=entry.spec.acquisition.protocol_vector()) for entry in cfg.sites]
     if cfg.eval_every and any(s.val_loader is None for s in sites):
         missing = [s.site_id for s in sites if s.val_loader is None]
-        raise ConfigError(f"sites {missing} have no val data; the runner evaluates on 'val' "
-                          f"every {cfg.eval_every} round(s)")
+        raise ConfigError(f"{cfg.source or 'config'}: sites {missing} have no val data; the "
+                          f"runner evaluates on 'val' every {cfg.eval_every} round(s)")
     held = next((s for s in sites if s.site_id == cfg.held_out), None)
     training = [s for s in sites if s is not held]
     return Experiment(cfg, training, strategy, model_cfg, held)

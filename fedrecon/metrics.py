@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["psnr", "ssim", "nmse"]
+__all__ = ["nmse", "psnr", "ssim"]
+
+
+def _real(name: str, *args: Tensor) -> None:
+    if any(a.is_complex() for a in args):
+        raise ValueError(f"{name}: complex input; pass magnitude images (x.abs()), as fastMRI "
+                         f"scores them")
 
 
 def _range(ref: Tensor, data_range: float | Tensor | None) -> Tensor:
@@ -24,11 +30,13 @@ def _range(ref: Tensor, data_range: float | Tensor | None) -> Tensor:
 
 def nmse(x: Tensor, ref: Tensor) -> Tensor:
     """Per-image NMSE over the last two dims: ``(..., H, W) -> (...)``."""
+    _real("nmse", x, ref)
     return (x - ref).square().flatten(-2).sum(-1) / ref.square().flatten(-2).sum(-1).clamp_min(1e-30)
 
 
 def psnr(x: Tensor, ref: Tensor, data_range: float | Tensor | None = None) -> Tensor:
     """Per-image PSNR in dB: ``(..., H, W) -> (...)``; ``data_range`` defaults to ``ref.max()``."""
+    _real("psnr", x, ref)
     mse = (x - ref).square().flatten(-2).mean(-1).clamp_min(1e-30)
     return 10 * torch.log10(_range(ref, data_range) ** 2 / mse)
 
@@ -36,6 +44,7 @@ def psnr(x: Tensor, ref: Tensor, data_range: float | Tensor | None = None) -> Te
 def ssim(x: Tensor, ref: Tensor, data_range: float | Tensor | None = None,
          win_size: int = 7, k1: float = 0.01, k2: float = 0.03) -> Tensor:
     """Per-image SSIM: ``(..., H, W) -> (...)`` (scikit-image's defaults, see module doc)."""
+    _real("ssim", x, ref)
     if x.shape != ref.shape:
         raise ValueError(f"ssim: arguments 'x' {tuple(x.shape)} and 'ref' {tuple(ref.shape)} differ")
     h, w = x.shape[-2:]
