@@ -250,6 +250,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if [s.site_id for s in exp.all_sites] != site_ids:
             raise CLIError(f"--run {run}: its sites {[s.site_id for s in exp.all_sites]} differ "
                            f"from {site_ids}; runs compared together need the same sites")
+    notes = _comparison_notes(first_cfg, restored)
+    for note in notes:
+        log.warning("%s", note)
     modality = first_cfg.modality
     if args.baselines is None:
         wanted: list[str] = []
@@ -310,12 +313,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      runs={n: r[0] for n, r in restored.items()}, split=split, table_md=table,
                      figures=figures, curves="figures/curves.png" if curves else None,
                      baselines=base_desc, run_table=run_summary_table(records),
-                     notes=[(f"Leave-one-site-out: `{first_cfg.held_out}` never trained; it "
-                             f"reconstructs with the consensus prior and initial DC layers."), ""]
-                     if first_cfg.held_out else [])
+                     notes=[*([(f"Leave-one-site-out: `{first_cfg.held_out}` never trained; "
+                                f"it reconstructs with the consensus prior and initial DC "
+                                f"layers."), ""] if first_cfg.held_out else []),
+                            *(line for note in notes for line in (note, ""))])
     print(table)
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _comparison_notes(first_cfg: Any, restored: dict[str, tuple]) -> list[str]:
+    """Where runs compared together were trained on other acquisitions or splits than the
+    first run's: every run is evaluated on the first run's sites (data, masks, coils), so
+    the report says so instead of comparing them silently."""
+    first = {e.name: e.spec for e in first_cfg.sites}
+    notes = []
+    for name, (run, cfg, *_) in list(restored.items())[1:]:
+        for entry in cfg.sites:
+            ref = first.get(entry.name)
+            for field in ("acquisition", "split"):
+                if ref is not None and getattr(entry.spec, field) != getattr(ref, field):
+                    notes.append(f"Run `{name}` ({run}) was trained with another {field} at "
+                                 f"site `{entry.name}` than the first run; it is evaluated on "
+                                 f"the first run's ({getattr(ref, field)}).")
+    return notes
 
 
 def _external_site(cfg: Any, exp: Any, args: argparse.Namespace) -> Any:

@@ -208,3 +208,22 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         return [(r["round"], r["site"], r["psnr"]) for r in
                 map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     assert scores(a) == scores(b)
+
+
+def test_runs_trained_on_other_acquisitions_are_noted(run2: Path, tmp_path: Path) -> None:
+    """Every run is evaluated on the first run's sites; a run trained with other views is
+    named in the report (it used to be compared silently)."""
+    text = config(tmp_path / "c.toml").read_text().replace("n_views = 8", "n_views = 12", 1)
+    other = tmp_path / "other"
+    (tmp_path / "c.toml").write_text(text)
+    assert main(["--quiet", "train", "--config", str(tmp_path / "c.toml"), "--out", str(other)]) == 0
+    out = tmp_path / "eval"
+    assert main(["--quiet", "evaluate", "--run", str(run2), str(other), "--out", str(out),
+                 "--label", f"{run2}=a", f"{other}=b", "--no-reconstructions"]) == 0
+    report = (out / "report.md").read_text()
+    assert "Run `b`" in report and "another acquisition at site `north`" in report
+    assert "site `south`" not in report  # only the site whose acquisition differs
+    same = tmp_path / "eval_same"
+    assert main(["--quiet", "evaluate", "--run", str(run2), "--out", str(same),
+                 "--no-reconstructions"]) == 0
+    assert "another acquisition" not in (same / "report.md").read_text()
