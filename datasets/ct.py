@@ -584,9 +584,11 @@ class CTSliceDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.split = split
         self.return_fbp = bool(return_fbp)
-        if fbp_filter.lower().replace("_", "-") not in FILTERS:
-            raise ValueError(f"CTSliceDataset: argument 'fbp_filter' must be one of {FILTERS}; "
-                             f"got {fbp_filter!r}")
+        ok = isinstance(fbp_filter, str) and fbp_filter.lower().replace("_", "-") in (
+            *FILTERS, "ram-lak", "ramlak")
+        if not ok:
+            raise ValueError(f"CTSliceDataset: argument 'fbp_filter' must be one of {FILTERS} "
+                             f"(or 'ram-lak'); got {fbp_filter!r}")
         self.fbp_filter = fbp_filter
         self.operator = acquisition.make_operator(image_size)
         self.image_size: tuple[int, int] = self.operator.image_size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -58,13 +60,45 @@ def check_positive(name: str, value: float) -> float:
     return value
 
 
+def _integer(value: object) -> int | None:
+    """``value`` as an int when it is an integer number (Python, numpy, a 0-d tensor, or a
+    float with an integer value), else None; bools are not numbers here."""
+    if isinstance(value, Tensor):
+        if value.ndim != 0 or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return int(value) if math.isfinite(value) and float(value).is_integer() else None
+
+
+def as_int(name: str, value: object, minimum: int | None = None) -> int:
+    """``value`` as an int (see ``_integer``), at least ``minimum``; ``ValueError`` naming
+    ``name`` otherwise (a silently truncated 10.5 would change the geometry)."""
+    out = _integer(value)
+    if out is None:
+        raise ValueError(f"argument '{name}' must be an int; got {value!r}")
+    if minimum is not None and out < minimum:
+        raise ValueError(f"argument '{name}' must be >= {minimum}; got {out}")
+    return out
+
+
 def as_image_size(name: str, size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        size = (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"argument '{name}' must be a positive int or a pair (H, W); got {size}")
-    return size  # type: ignore[return-value]
+    """``(H, W)`` from an int ``N`` (square) or a pair of positive ints."""
+    single = _integer(size)
+    if single is not None:
+        pair: tuple[int | None, ...] = (single, single)
+    else:
+        try:
+            pair = tuple(_integer(s) for s in size)  # type: ignore[union-attr]
+        except TypeError:
+            pair = ()
+    if len(pair) != 2 or any(s is None or s < 1 for s in pair):
+        raise ValueError(f"argument '{name}' must be a positive int or a pair (H, W) of positive "
+                         f"ints; got {size!r}")
+    return pair  # type: ignore[return-value]
 
 
 def real_dtype_of(dtype: torch.dtype) -> torch.dtype:

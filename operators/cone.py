@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -190,6 +191,23 @@ def _cone_apply(geom: ConeGeometry, t: Tensor, adjoint: bool, use_triton: bool) 
     return fn(geom, t.contiguous())
 
 
+def _pair(name: str, value: float | Sequence[float], allow_scalar: bool = True) -> tuple[float, float]:
+    """``(row, column)`` floats from a pair (or, with ``allow_scalar``, one number for both:
+    Python, numpy or a 0-d tensor)."""
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and allow_scalar:
+        return float(value), float(value)
+    try:
+        pair = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2:
+        want = "a number or (row, column)" if allow_scalar else "a pair (row, column)"
+        raise ValueError(f"argument '{name}' must be {want}; got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
 class ConeBeam3D(LinearOperator):
     """Circular cone-beam projector with a flat detector and a matched backprojector.
 
@@ -245,10 +263,8 @@ class ConeBeam3D(LinearOperator):
         if dso <= radius:
             raise ValueError(f"argument 'source_distance' must exceed the volume's half-diagonal "
                              f"{radius:.3g} (the source must lie outside the volume); got {dso}")
-        spacing = (det_spacing, det_spacing) if isinstance(det_spacing, (int, float)) else tuple(det_spacing)
+        spacing = _pair("det_spacing", det_spacing)
         spacing = tuple(check_positive("det_spacing", s) for s in spacing)
-        if len(spacing) != 2:
-            raise ValueError(f"argument 'det_spacing' must be a number or (row, column); got {det_spacing}")
         if det_shape is None:
             mag = (dso + dod) / (dso - radius)
             det_shape = (math.ceil(2 * radius * mag / spacing[0]) + 1,
@@ -258,7 +274,9 @@ class ConeBeam3D(LinearOperator):
             raise ValueError(f"argument 'det_shape' must be two positive ints; got {det_shape}")
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"argument 'backend' must be 'auto', 'triton' or 'torch'; got {backend!r}")
-        offset = tuple(float(o) for o in det_offset)
+        offset = _pair("det_offset", det_offset, allow_scalar=False)
+        if not all(math.isfinite(o) for o in offset):
+            raise ValueError(f"argument 'det_offset' must be finite (row, column); got {det_offset}")
         self.backend = backend
         self.geometry = ConeGeometry(size, tuple(ang.tolist()), rows, cols, spacing, offset,  # type: ignore[arg-type]
                                      vs, dso, dod, stepping)

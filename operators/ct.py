@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import _cpu_spmm, _matrix_cache, _triton_ct
-from ._checks import as_image_size, check_positive, check_real, check_trailing_shape
+from ._checks import as_image_size, as_int, check_positive, check_real, check_trailing_shape
 from .base import LinearOperator
 from .registry import register_operator
 
@@ -528,18 +528,22 @@ def _common_geometry(image_size: int | Sequence[int], angles: Sequence[float] | 
     h, w = as_image_size("image_size", image_size)
     if angles is not None:
         ang = _as_float_tensor("angles", angles)
-    elif n_angles < 1:
-        raise ValueError(f"argument 'n_angles' must be >= 1; got {n_angles}")
     else:
+        n_angles = as_int("n_angles", n_angles, minimum=1)
         ang = torch.arange(n_angles, dtype=torch.float64) * (full_scan / n_angles)
     return (h, w, ang, check_positive("pixel_spacing", pixel_spacing),
             check_positive("det_spacing", det_spacing))
 
 
 def _check_det_count(det_count: int) -> int:
-    if int(det_count) < 1:
-        raise ValueError(f"argument 'det_count' must be >= 1; got {det_count}")
-    return int(det_count)
+    return as_int("det_count", det_count, minimum=1)
+
+
+def _check_offset(det_offset: float) -> float:
+    offset = float(det_offset)
+    if not math.isfinite(offset):
+        raise ValueError(f"argument 'det_offset' must be a finite number; got {det_offset}")
+    return offset
 
 
 class ParallelBeam2D(_Projector2D):
@@ -572,7 +576,8 @@ class ParallelBeam2D(_Projector2D):
         if det_count is None:
             det_count = math.ceil(math.hypot(h, w) * ps / ds) + 1
         super().__init__(CTGeometry("parallel", (h, w), tuple(ang.tolist()),
-                                    _check_det_count(det_count), ds, float(det_offset), ps), backend)
+                                    _check_det_count(det_count), ds, _check_offset(det_offset), ps),
+                         backend)
 
 
 class FanBeam2D(_Projector2D):
@@ -613,7 +618,7 @@ class FanBeam2D(_Projector2D):
             half = radius * (dso + dod) / math.sqrt(dso**2 - radius**2)
             det_count = math.ceil(2 * half / ds) + 1
         super().__init__(CTGeometry("fan", (h, w), tuple(ang.tolist()), _check_det_count(det_count),
-                                    ds, float(det_offset), ps, dso, dod), backend)
+                                    ds, _check_offset(det_offset), ps, dso, dod), backend)
 
     @property
     def magnification(self) -> float:

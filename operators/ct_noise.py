@@ -8,6 +8,8 @@ noise); :func:`log_transform` turns counts back into line integrals ``-log(N / I
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,8 +43,10 @@ def simulate_transmission(sino: Tensor, photons: float, electronic_noise: float 
     """
     check_real("sino", sino, owner="simulate_transmission")
     photons = check_positive("photons", photons)
-    if electronic_noise < 0:
-        raise ValueError(f"argument 'electronic_noise' must be >= 0; got {electronic_noise}")
+    electronic_noise = float(electronic_noise)
+    if not (math.isfinite(electronic_noise) and electronic_noise >= 0):  # NaN: no noise at all
+        raise ValueError(f"argument 'electronic_noise' must be finite and >= 0; "
+                         f"got {electronic_noise}")
     gen = _generator(seed, sino.device)
     rate = photons * torch.exp(-sino.detach().to(torch.float64))
     counts = torch.poisson(rate, generator=gen)

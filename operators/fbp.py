@@ -1,8 +1,8 @@
 """Filtered backprojection for ``ParallelBeam2D`` and ``FanBeam2D`` (flat detector).
 
 The filter is the band-limited ramp discretized in the spatial domain (Kak & Slaney,
-ch. 3, eq. 61), which has no DC bias, optionally apodized by a Shepp-Logan, cosine or Hann
-window; projections are zero-padded to at least twice their length before filtering.
+ch. 3, eq. 61), which has no DC bias, optionally apodized by a Shepp-Logan, cosine, Hamming
+or Hann window; projections are zero-padded to at least twice their length before filtering.
 The backprojection here is pixel-driven (each pixel interpolates the filtered projection
 at the point its ray meets the detector) with the analytic weights of the inversion
 formula; the operator's matched adjoint is the right tool for iterative methods, this one
@@ -26,20 +26,35 @@ from .ct import CTGeometry, FanBeam2D, ParallelBeam2D, _Projector2D, _SparseAppl
 
 __all__ = ["FILTERS", "fbp", "ramp_filter", "filter_sinogram", "parker_weights"]
 
-FILTERS = ("ramp", "shepp-logan", "cosine", "hann")
+FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
+_FILTER_ALIASES = {"ram-lak": "ramp", "ramlak": "ramp"}
+
+
+def _filter_name(filter: object) -> str:
+    """The canonical name of ``filter`` (case, ``_``/``-`` and the Ram-Lak alias folded)."""
+    if not isinstance(filter, str):
+        raise TypeError(f"argument 'filter' must be a str, one of {FILTERS}; "
+                        f"got {type(filter).__name__}")
+    name = filter.lower().replace("_", "-")
+    name = _FILTER_ALIASES.get(name, name)
+    if name not in FILTERS:
+        raise ValueError(f"argument 'filter' must be one of {FILTERS} (or 'ram-lak'); "
+                         f"got {filter!r}")
+    return name
 
 
 def ramp_filter(n_det: int, spacing: float = 1.0, filter: str = "ramp", cutoff: float = 1.0, *,  # noqa: A002
                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
     """Frequency response for ``torch.fft.rfft`` of length ``n_pad`` (returned ``(n_pad//2+1,)``).
 
+    ``filter``: ``"ramp"`` (alias ``"ram-lak"``) times a window of ``g = f / cutoff`` (``f`` in
+    cycles per sample): ``"shepp-logan"`` ``sinc(g)``, ``"cosine"`` ``cos(pi g)``,
+    ``"hamming"`` ``0.54 + 0.46 cos(2 pi g)``, ``"hann"`` ``0.5 + 0.5 cos(2 pi g)``.
     ``cutoff`` in ``(0, 1]`` is the fraction of the Nyquist frequency kept by the window.
     The response includes the detector spacing, so ``irfft(rfft(p) * H)`` is the filtered
     projection of the inversion formula.
     """
-    name = filter.lower().replace("_", "-")
-    if name not in FILTERS:
-        raise ValueError(f"argument 'filter' must be one of {FILTERS}; got {filter!r}")
+    name = _filter_name(filter)
     if not 0 < cutoff <= 1:
         raise ValueError(f"argument 'cutoff' must be in (0, 1]; got {cutoff}")
     n_pad = max(64, 1 << math.ceil(math.log2(2 * n_det)))
@@ -56,6 +71,8 @@ def ramp_filter(n_det: int, spacing: float = 1.0, filter: str = "ramp", cutoff: 
         window = torch.sinc(fc)  # sin(pi f)/(pi f)
     elif name == "cosine":
         window = torch.cos(math.pi * fc)
+    elif name == "hamming":
+        window = 0.54 + 0.46 * torch.cos(2.0 * math.pi * fc)
     elif name == "hann":
         window = 0.5 * (1.0 + torch.cos(2.0 * math.pi * fc))
     else:
@@ -166,7 +183,8 @@ def fbp(op: ParallelBeam2D | FanBeam2D, sino: Tensor, filter: str = "ramp",  # n
     op
         The projector that produced ``sino`` (its geometry is used).
     filter
-        ``"ramp"`` (Ram-Lak), ``"shepp-logan"``, ``"cosine"`` or ``"hann"``.
+        ``"ramp"`` (Ram-Lak, also ``"ram-lak"``), ``"shepp-logan"``, ``"cosine"``,
+        ``"hamming"`` or ``"hann"`` (see :func:`ramp_filter`).
     cutoff
         Window cut-off as a fraction of the Nyquist frequency.
     parker
@@ -176,6 +194,9 @@ def fbp(op: ParallelBeam2D | FanBeam2D, sino: Tensor, filter: str = "ramp",  # n
         raise TypeError(f"argument 'op' must be ParallelBeam2D or FanBeam2D; got {type(op).__name__}")
     check_trailing_shape("sino", sino, op.range_shape, owner="fbp")
     check_real("sino", sino, owner="fbp")
+    if parker and not isinstance(op, FanBeam2D):
+        raise ValueError(f"fbp: argument 'parker' applies to FanBeam2D only; got parker=True "
+                         f"with {type(op).__name__}")
     g = op.geometry
     batch = sino.shape[:-2]
     p = sino.reshape(-1, *op.range_shape)
@@ -183,8 +204,6 @@ def fbp(op: ParallelBeam2D | FanBeam2D, sino: Tensor, filter: str = "ramp",  # n
     if g.kind == "parallel":
         q = filter_sinogram(p, g.det_spacing, filter, cutoff)
         return _backproject(q, op, math.pi / n).reshape(*batch, *g.image_size)
-    if parker and not isinstance(op, FanBeam2D):
-        raise ValueError("argument 'parker' applies to FanBeam2D only")
     mag = g.source_detector_distance / g.source_distance
     s_iso = g.detector_positions().to(p) / mag  # bin positions scaled to the isocentre
     pre = g.source_distance / torch.sqrt(g.source_distance**2 + s_iso**2)

@@ -14,13 +14,12 @@ independent problem with its own step sizes.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor, check_trailing_shape, real_dtype_of
+from ._checks import _integer, check_tensor, check_trailing_shape, real_dtype_of
 from .base import LinearOperator
 from .linops import FiniteDifference2D
 
@@ -48,6 +47,13 @@ def _safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
     """
     safe = torch.where(ok, den, torch.ones_like(den))
     return torch.where(ok, num / safe, torch.zeros_like(num))
+
+
+def _check_iterations(n_iter: int, tol: float, owner: str) -> None:
+    if _integer(n_iter) is None or n_iter < 0:
+        raise ValueError(f"{owner}: argument 'n_iter' must be an int >= 0; got {n_iter!r}")
+    if not (math.isfinite(float(tol)) and tol >= 0):
+        raise ValueError(f"{owner}: argument 'tol' must be finite and >= 0; got {tol!r}")
 
 
 def conjugate_gradient(
@@ -105,6 +111,7 @@ def conjugate_gradient(
         )
     if x0 is not None:
         check_trailing_shape("x0", x0, tuple(rhs.shape), owner="conjugate_gradient")
+    _check_iterations(n_iter, tol, "conjugate_gradient")
     dims = tuple(range(rhs.ndim - n, rhs.ndim))
     if isinstance(damping, Tensor) and damping.ndim > 0:
         damping = damping.reshape(*damping.shape, *([1] * n))
@@ -252,6 +259,10 @@ def tv_reconstruction(
         )
     if not lam >= 0:
         raise ValueError(f"tv_reconstruction: argument 'lam' must be >= 0; got {lam}")
+    _check_iterations(n_iter, 0.0, "tv_reconstruction")
+    if step is not None and not (math.isfinite(float(step)) and step > 0):
+        raise ValueError(f"tv_reconstruction: argument 'step' must be a finite positive number; "
+                         f"got {step}")
     grad = FiniteDifference2D(op.domain_shape[-2:], complex=op.domain_complex)
     backproj = op.A_adjoint(y)
     x = torch.zeros_like(backproj) if x0 is None else x0
