@@ -13,6 +13,8 @@ norm is in the hundreds.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +27,10 @@ __all__ = ["GradientDC", "ProximalDC", "DC_LAYERS"]
 
 
 def _inv_softplus(value: float) -> float:
-    return float(torch.log(torch.expm1(torch.tensor(float(value)))))
+    """``softplus^{-1}(v) = v + log(1 - exp(-v))`` in double precision: ``log(expm1(v))``
+    overflows for ``v`` above ~88 in float32 (an initial step of 100 became ``inf``)."""
+    value = float(value)
+    return value + math.log(-math.expm1(-value))
 
 
 class GradientDC(nn.Module):
@@ -42,6 +47,7 @@ class GradientDC(nn.Module):
             raise ValueError(f"argument 'n_iter' must be >= 1; got {n_iter}")
         if not init_step > 0:
             raise ValueError(f"argument 'init_step' must be > 0; got {init_step}")
+        self.n_iter = n_iter
         self.raw_step = nn.Parameter(torch.full((n_iter,), _inv_softplus(init_step)))
 
     def step(self, k: int) -> Tensor:
@@ -66,6 +72,7 @@ class ProximalDC(nn.Module):
             raise ValueError(f"arguments 'n_iter' and 'cg_iters' must be >= 1; got {n_iter}, {cg_iters}")
         if not init_lambda > 0:
             raise ValueError(f"argument 'init_lambda' must be > 0; got {init_lambda}")
+        self.n_iter = n_iter
         self.raw_lambda = nn.Parameter(torch.full((n_iter,), _inv_softplus(init_lambda)))
         self.cg_iters = cg_iters
 

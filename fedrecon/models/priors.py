@@ -44,6 +44,14 @@ class FiLM(nn.Module):
         return h * (1 + gamma[..., None, None]) + beta[..., None, None]
 
 
+def _unit_phase(total: Tensor) -> Tensor:
+    """``total / |total|`` (1 where ``total == 0``), with finite gradients everywhere."""
+    mag = total.abs()
+    ok = mag > 0
+    safe = torch.where(ok, mag, torch.ones_like(mag))
+    return torch.where(ok, total / safe, torch.ones_like(total))
+
+
 def _zero_init(conv: nn.Conv2d) -> None:
     """Start the residual prior at the identity: the unrolled net then begins as the
     classical iteration (gradient steps or CG from FBP / A^H y) and learns from there."""
@@ -90,7 +98,9 @@ class UNet(nn.Module):
     ----------
     in_chans, out_chans
         Channels of ``(B, in_chans, H, W)`` in and ``(B, out_chans, H, W)`` out; ``H`` and ``W``
-        must be multiples of ``2**num_pools`` (:class:`ImagePrior` pads for you).
+        must be at least ``2**num_pools``. Other sizes than multiples of ``2**num_pools`` are
+        handled as in fastMRI (the upsampled features are padded to the skip's size);
+        :class:`ImagePrior` pads to a multiple instead.
     chans
         Channels of the first level (doubling per level).
     cond_dim
@@ -103,6 +113,7 @@ class UNet(nn.Module):
                  drop_prob: float = 0.0, norm: str = "instance", cond_dim: int = 0) -> None:
         super().__init__()
         self.num_pools = num_pools
+        self.norm_kind = norm
         self.down = nn.ModuleList([_ConvBlock(in_chans, chans, norm, drop_prob, cond_dim)])
         ch = chans
         for _ in range(num_pools - 1):
@@ -124,6 +135,14 @@ class UNet(nn.Module):
         return 2**self.num_pools
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        size = tuple(x.shape[-2:])
+        if min(size) < self.size_multiple:
+            raise ValueError(f"UNet: input of {size} px is smaller than 2**num_pools = "
+                             f"{self.size_multiple} px")
+        if self.norm_kind == "instance" and max(size) < 2 * self.size_multiple:
+            raise ValueError(f"UNet: input of {size} px leaves a 1 x 1 bottleneck after "
+                             f"num_pools = {self.num_pools} poolings, where instance norm is "
+                             f"undefined; use a smaller 'num_pools' or larger images")
         skips = []
         h = x
         for block in self.down:
@@ -132,8 +151,13 @@ class UNet(nn.Module):
             h = F.avg_pool2d(h, 2)
         h = self.bottleneck(h, cond)
         for up, block in zip(self.up_conv, self.up_block):
+            skip = skips.pop()
             h = up(h)
-            h = block(torch.cat([h, skips.pop()], dim=1), cond)
+            # odd sizes: pooling dropped the last row/column; restore it at the same edge
+            dh, dw = skip.shape[-2] - h.shape[-2], skip.shape[-1] - h.shape[-1]
+            if dh or dw:
+                h = F.pad(h, (0, dw, 0, dh), mode="replicate")
+            h = block(torch.cat([h, skip], dim=1), cond)
         return self.out(h)
 
 
@@ -203,20 +227,23 @@ class ImagePrior(nn.Module):
         flat = x.reshape(-1, h, w)
         rot = None
         if self.align_phase and flat.is_complex():
-            total = flat.detach().sum(dim=(-2, -1), keepdim=True)
-            rot = torch.where(total.abs() > 0, total / total.abs().clamp_min(1e-30),
-                              torch.ones_like(total))
+            # not detached: the rotation depends on x, and the DC parameters of earlier
+            # iterations (and the coil-map estimator) get their gradient through it
+            rot = _unit_phase(flat.sum(dim=(-2, -1), keepdim=True))
             flat = flat * rot.conj()
+        # (B, C, H, W) in the data's precision; only the network runs in its own dtype, so
+        # a float32 prior does not round complex128 data on the residual path
         chans = torch.view_as_real(flat).permute(0, 3, 1, 2) if flat.is_complex() else flat[:, None]
-        param = next(self.net.parameters(), None)
-        if param is not None and chans.dtype != param.dtype:
-            chans = chans.to(param.dtype)  # e.g. complex128 data through a float32 network
         if self.normalize:
             mean = chans.mean(dim=(-2, -1), keepdim=True)
-            std = chans.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6 * chans.abs().amax().clamp_min(1e-12))
+            scale = chans.abs().amax(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-12)
+            std = chans.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6 * scale)  # per sample
             inp = (chans - mean) / std
         else:
             inp = chans
+        param = next(self.net.parameters(), None)
+        if param is not None and inp.dtype != param.dtype:
+            inp = inp.to(param.dtype)  # e.g. complex128 data through a float32 network
         m = int(getattr(self.net, "size_multiple", 1))
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
@@ -227,14 +254,21 @@ class ImagePrior(nn.Module):
             c = cond.reshape(-1, cond.shape[-1]).to(inp.dtype)
             if c.shape[0] == 1 and inp.shape[0] > 1:
                 c = c.expand(inp.shape[0], -1)
+            elif c.shape[0] != inp.shape[0]:
+                raise ValueError(f"argument 'cond' has {c.shape[0]} protocol vectors for "
+                                 f"{inp.shape[0]} images; expected 1 or {inp.shape[0]}")
         out = self.net(inp, c)
-        out = out[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
-        if self.residual:
-            out = inp[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w] + out
+        if out.shape[-2:] != inp.shape[-2:]:
+            raise ValueError(f"{type(self.net).__name__} changed the image size from "
+                             f"{tuple(inp.shape[-2:])} to {tuple(out.shape[-2:])}")
+        out = out[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w].to(chans.dtype)
+        # (inp + out) * std + mean == chans + out * std, without the round trip's rounding
         if self.normalize:
-            out = out * std + mean
+            out = chans + out * std if self.residual else out * std + mean
+        elif self.residual:
+            out = chans + out
         if flat.is_complex():
-            out = torch.view_as_complex(out.permute(0, 2, 3, 1).to(x.real.dtype).contiguous())
+            out = torch.view_as_complex(out.permute(0, 2, 3, 1).contiguous())
             if rot is not None:
                 out = out * rot
         else:

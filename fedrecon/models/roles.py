@@ -54,8 +54,16 @@ def _module_role(module: nn.Module) -> Role | None:
     return None
 
 
-def _roles(model: nn.Module, tensors: str) -> dict[str, Role]:
+def _roles(model: nn.Module, tensors: str, aliases: bool) -> dict[str, Role]:
+    """Role of every tensor by name. A tensor reachable under several names (tied weights,
+    a module registered twice) keeps every name when ``aliases`` (as ``state_dict`` does)
+    or only the first (as ``named_parameters`` does); its names must agree on the role, or
+    a LOCAL tensor could leave the site under a GLOBAL alias."""
     roles: dict[str, Role] = {}
+    first: dict[int, tuple[str, Role | None]] = {}
+    # the name only: ``walk`` is a recursive closure (a reference cycle), so whatever it
+    # captures lives until the garbage collector runs; the model must not be among it
+    owner = type(model).__name__
     unassigned: list[str] = []
 
     def walk(module: nn.Module, prefix: str, inherited: Role | None,
@@ -63,16 +71,29 @@ def _roles(model: nn.Module, tensors: str) -> dict[str, Role]:
         own = None if sealed else _module_role(module)
         role = own if own is not None else inherited
         sealed = sealed or (own is not None and getattr(type(module), "role_sealed", False))
-        items = (module.named_parameters(recurse=False) if tensors == "parameters"
-                 else module.named_buffers(recurse=False))
-        for name, _ in items:
+        # the registries themselves, as ``state_dict`` walks them: ``named_*`` would hide
+        # the second name of a tied tensor or of a module registered twice
+        items = module._parameters if tensors == "parameters" else module._buffers
+        for name, tensor in items.items():
+            if tensor is None:
+                continue
             full = prefix + name
+            seen = first.setdefault(id(tensor), (full, role))
+            if seen[0] != full:
+                if seen[1] != role:
+                    raise ValueError(
+                        f"{owner}: one tensor is shared by '{seen[0]}' (role "
+                        f"{getattr(seen[1], 'value', None)}) and '{full}' (role "
+                        f"{getattr(role, 'value', None)}); a shared tensor needs one role")
+                if not aliases:
+                    continue
             if role is None:
                 unassigned.append(full)
             else:
                 roles[full] = role
-        for child_name, child in module.named_children():
-            walk(child, f"{prefix}{child_name}.", role, sealed)
+        for child_name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{child_name}.", role, sealed)
 
     walk(model, "", None)
     if unassigned:
@@ -84,14 +105,15 @@ def _roles(model: nn.Module, tensors: str) -> dict[str, Role]:
 
 
 def parameter_roles(model: nn.Module) -> dict[str, Role]:
-    """Role of every parameter, by its ``named_parameters`` name. Raises if one has none."""
-    return _roles(model, "parameters")
+    """Role of every parameter, by its ``named_parameters`` name (each parameter once).
+    Raises if one has none, or if a shared parameter is given two roles."""
+    return _roles(model, "parameters", aliases=False)
 
 
 def state_roles(model: nn.Module) -> dict[str, Role]:
     """Role of every ``state_dict`` entry (parameters and buffers)."""
-    roles = _roles(model, "parameters")
-    roles.update(_roles(model, "buffers"))
+    roles = _roles(model, "parameters", aliases=True)
+    roles.update(_roles(model, "buffers", aliases=True))
     return roles
 
 

@@ -57,6 +57,11 @@ class Unrolled(nn.Module):
         self.estimator = estimator
         if n_iter < 1:
             raise ValueError(f"argument 'n_iter' must be >= 1; got {n_iter}")
+        dc_iters = getattr(dc, "n_iter", None)
+        if dc_iters is not None and dc_iters < n_iter:
+            raise ValueError(f"argument 'n_iter' ({n_iter}) exceeds the number of iterations "
+                             f"the DC layer has parameters for ({dc_iters}); build "
+                             f"{type(dc).__name__}(n_iter={n_iter}, ...)")
         self.n_iter = n_iter
         self.share_weights = share_weights
         self.checkpointing = checkpointing

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
+import numbers
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +64,15 @@ def _cycle(loader: Iterable) -> Iterator:
             raise ValueError("argument 'loader' yielded no batches")
 
 
+def _check_same_shape(out: Tensor, prepared: Prepared) -> None:
+    """Losses and metrics broadcast: a reconstruction of another size than its target must
+    be an error, not a silently wrong number."""
+    if prepared.target is not None and out.shape != prepared.target.shape:
+        raise ValueError(f"the reconstruction in target space has shape {tuple(out.shape)} but "
+                         f"the target has {tuple(prepared.target.shape)} (files "
+                         f"{prepared.fnames[:3]}; crop size {prepared.crop_size})")
+
+
 def reconstruct(model: nn.Module, prepared: Prepared) -> Tensor:
     """Run ``model`` on a prepared batch; returns the image in target space."""
     x = model(prepared.y, prepared.op, protocol=prepared.protocol)
@@ -88,11 +97,17 @@ def train_local(model: nn.Module, loader: Iterable, *, steps: int | None = None,
     """
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of 'steps' and 'epochs'")
-    if steps is not None and steps < 1:
-        raise ValueError(f"argument 'steps' must be >= 1; got {steps}")
+    for name, count in (("steps", steps), ("epochs", epochs)):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral)
+                                  or count < 1):
+            raise ValueError(f"argument '{name}' must be >= 1 (an int); got {count!r}")
     loss_fn = LOSSES[loss] if isinstance(loss, str) and loss in LOSSES else loss
-    if isinstance(loss_fn, str):
+    if isinstance(loss_fn, str) or not callable(loss_fn):
         raise ValueError(f"argument 'loss' must be one of {sorted(LOSSES)} or a callable; got {loss!r}")
+    # a negative max norm would flip every gradient (clip_grad_norm_ scales by max_norm / norm)
+    if grad_clip is not None and not (isinstance(grad_clip, numbers.Real) and grad_clip >= 0):
+        raise ValueError(f"argument 'grad_clip' must be None or a number >= 0 (0 or None: no "
+                         f"clipping); got {grad_clip!r}")
     if seed is not None:
         seed_everything(seed)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -124,7 +139,10 @@ def train_local(model: nn.Module, loader: Iterable, *, steps: int | None = None,
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", enabled=amp and cuda):
             out = reconstruct(model, prep)
-            value = loss_fn(out.float(), prep.target.float(), prep.max_value.float())
+            _check_same_shape(out, prep)
+            # at least float32 (AMP's half outputs), and a float64 model keeps its precision
+            dtype = torch.promote_types(out.dtype, torch.float32)
+            value = loss_fn(out.to(dtype), prep.target.to(dtype), prep.max_value.to(dtype))
             if regularizer is not None:
                 value = value + regularizer(model)
         if not torch.isfinite(value):
@@ -147,9 +165,13 @@ def train_local(model: nn.Module, loader: Iterable, *, steps: int | None = None,
 @torch.no_grad()
 def evaluate_model(model: nn.Module | Callable[[Prepared], Tensor], loader: Iterable, *,
                    op_factory: OpFactory | None = None,
-                   device: torch.device | str = "cpu") -> dict[str, float]:
+                   device: torch.device | str | None = None) -> dict[str, float]:
     """Mean PSNR/SSIM/NMSE over slices (data range: the volume's max for MRI, the slice's
-    max for CT). ``model`` may be a callable ``Prepared -> image`` (a classical baseline)."""
+    max for CT). ``model`` may be a callable ``Prepared -> image`` (a classical baseline).
+    ``device``: default the model's (the CPU for a callable or a model without parameters)."""
+    if device is None:
+        param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        device = param.device if param is not None else "cpu"
     dev = torch.device(device)
     if isinstance(model, nn.Module):
         model.eval()
@@ -159,6 +181,7 @@ def evaluate_model(model: nn.Module | Callable[[Prepared], Tensor], loader: Iter
         if prep.target is None:
             raise ValueError("evaluation needs targets; this batch has none")
         out = reconstruct(model, prep) if isinstance(model, nn.Module) else model(prep)
+        _check_same_shape(out, prep)
         out, tgt = out.float(), prep.target.float()
         rows["psnr"] += psnr(out, tgt, prep.max_value).tolist()
         rows["ssim"] += ssim(out, tgt, prep.max_value).tolist()
