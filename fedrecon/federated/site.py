@@ -141,6 +141,12 @@ class Site:
             return model
         if "local" in private:
             own = model.state_dict()
+            wrong = sorted(k for k, v in private["local"].items()
+                           if k not in own or tuple(own[k].shape) != tuple(v.shape))
+            if wrong:
+                raise ValueError(f"site '{self.site_id}': its stored LOCAL state does not fit "
+                                 f"this model (missing here or another shape: {wrong[:5]}); "
+                                 f"was it written by another model?")
             with torch.no_grad():
                 for k, v in private["local"].items():
                     own[k].copy_(v)

@@ -11,11 +11,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["LocalStore", "MemoryStore", "DiskStore", "atomic_torch_save"]
+__all__ = ["DiskStore", "LocalStore", "MemoryStore", "atomic_torch_save"]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
+    """``torch.save`` to a temp file in the same folder, fsync, ``os.replace``, then fsync the
+    folder, so that after a power cut the file is the old or the new one, never empty."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,6 +44,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
     return path
 
 

@@ -94,6 +94,9 @@ def centralized_runner(sites: Sequence[Site], *, rounds: int, run_dir: str | os.
     ``resume=True`` continues the run in ``run_dir`` (:meth:`SimulationRunner.resume`; of
     ``runner_kw`` only ``progress`` and ``on_update`` apply, the rest comes from the checkpoint).
     """
+    if not sites:
+        raise ValueError("argument 'sites' is empty: the centralized baseline pools the "
+                         "training data of at least one site")
     first = sites[0]
     train = RoundRobinLoader([s.train_loader for s in sites])
     pooled = Site(POOLED_SITE_ID, model_factory=first.model_factory, train_loader=train,

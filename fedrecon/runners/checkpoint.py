@@ -82,10 +82,11 @@ class RoundStore(LocalStore):
         atomic_torch_save(state, self._path(site_id, 0))
 
     def site_ids(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+        return sorted(p.name for p in self._site_dirs() if self.versions(p.name))
 
     def _site_dirs(self) -> Iterator[Path]:
-        return (p for p in self.root.iterdir() if p.is_dir())
+        # folders no site can own (``.ipynb_checkpoints``, ``.DS_Store``...) are not ours
+        return (p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def rollback(self, committed: int) -> int:
         """Delete versions newer than ``committed`` rounds and stale temp files (after a

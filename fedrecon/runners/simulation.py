@@ -14,8 +14,8 @@ Files in ``run_dir``:
   and 100+ virtual sites cost one model at a time.
 - ``checkpoint.pt``: written atomically after every round (and before round 0): committed
   rounds, ``strategy.state_dict()``, runner RNG, Python/NumPy/torch RNG states, the states
-  of the loaders' own ``torch.Generator`` s, the run's config and the length of
-  ``metrics.jsonl`` at commit time.
+  of the loaders' own ``torch.Generator`` s, the run's config, the sites' seeds and the
+  length of ``metrics.jsonl`` at commit time.
 - ``metrics.jsonl``: one record per site per round (see :data:`RECORD_FIELDS`), appended,
   flushed and fsynced before the checkpoint. :meth:`SimulationRunner.resume` truncates it
   to the committed length, so a redone round is never recorded twice.
@@ -112,8 +112,8 @@ class RunnerConfig:
     retries: int = 0
 
     def validate(self, n_sites: int) -> None:
-        if self.rounds < 0:
-            raise ValueError(f"argument 'rounds' must be >= 0; got {self.rounds}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"argument 'rounds' must be an integer >= 1; got {self.rounds!r}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"argument 'fraction' must lie in (0, 1]; got {self.fraction}")
         if not 1 <= self.min_sites <= n_sites:
@@ -147,10 +147,65 @@ def append_records(path: Path, rows: Any) -> None:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl``."""
+    """The records of ``run_dir/metrics.jsonl``. A line that is not a JSON record (a run
+    killed mid-append leaves a torn last line until it is resumed) is an error naming the
+    file and the line."""
     path = Path(run_dir) / "metrics.jsonl"
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not a JSON record ({err}); a run "
+                                 f"killed mid-write is repaired by resuming it") from err
+    return records
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file next to ``path``, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_site_id(site_id: Any) -> None:
+    """Site ids name folders of the run (``sites/<id>/``)."""
+    if (not isinstance(site_id, str) or not site_id or "/" in site_id or "\0" in site_id
+            or site_id.startswith(".")):
+        raise ValueError(f"argument 'sites': site id {site_id!r} cannot name a folder; use a "
+                         f"non-empty string without '/' and without a leading '.'")
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``. A damaged file (unreadable, truncated, not a checkpoint) is
+    an :class:`OSError` naming it; a checkpoint of another format a :class:`ValueError`."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated, empty, not a torch file
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OSError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {first}); "
+                      f"restore a copy or start the run again") from err
+    if not isinstance(ckpt, dict):
+        raise OSError(f"{path}: not a fedrecon checkpoint (a {type(ckpt).__name__}, not a dict)")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:  # a file of another version: not damage
+        raise ValueError(f"{path}: checkpoint format {ckpt.get('format')!r}; this runner "
+                         f"reads format {CHECKPOINT_FORMAT}")
+    missing = sorted(set(_CHECKPOINT_KEYS) - set(ckpt))
+    if missing:
+        raise OSError(f"{path}: damaged checkpoint, it lacks {missing}")
+    return ckpt
+
+
+_CHECKPOINT_KEYS = ("completed_rounds", "strategy_name", "strategy", "site_ids", "config",
+                    "runner_rng", "rng", "loader_rng", "metrics_bytes")
 
 
 class SimulationRunner:
@@ -212,8 +267,14 @@ class SimulationRunner:
         if not sites:
             raise ValueError("argument 'sites' is empty")
         ids = [s.site_id for s in sites]
+        for sid in ids:
+            _check_site_id(sid)
         if len(set(ids)) != len(ids):
-            raise ValueError(f"site ids must be unique; got duplicates in {ids}")
+            twice = sorted({s for s in ids if ids.count(s) > 1})
+            raise ValueError(f"argument 'sites': site ids must be unique; {twice} appear more "
+                             f"than once")
+        if Path(run_dir).exists() and not Path(run_dir).is_dir():
+            raise ValueError(f"argument 'run_dir': {run_dir} is a file, not a folder")
         self.config = RunnerConfig(rounds, seed, fraction, min_sites, drop_prob, eval_every,
                                    eval_split, retries)
         self.config.validate(len(sites))
@@ -238,6 +299,7 @@ class SimulationRunner:
         self.completed_rounds = 0
         self._rng = np.random.default_rng(seed)
         self._started = False
+        self._interrupted = False  # a round raised: redo it from the checkpoint
         self._metrics_path = self.run_dir / "metrics.jsonl"
         self._ckpt_path = self.run_dir / "checkpoint.pt"
         reference = sites[0].model_factory()
@@ -259,14 +321,27 @@ class SimulationRunner:
         if not 0 <= end <= self.config.rounds:
             raise ValueError(f"argument 'until_round' must lie in [0, {self.config.rounds}]; "
                              f"got {until_round}")
+        if self._started and self.completed_rounds > self.config.rounds:
+            raise ValueError(f"argument 'rounds' ({self.config.rounds}) is below the "
+                             f"{self.completed_rounds} rounds this run has completed; a run "
+                             f"can only be extended")
         if not self._started:
             self._start_fresh()
+        elif self._interrupted:
+            # a round that raised (Ctrl-C, a site's error) left the RNGs advanced, the
+            # strategy possibly half-updated and uncommitted LOCAL versions on disk: start
+            # again from the last checkpoint, exactly as a resume would
+            self._restore(_load_checkpoint(self._ckpt_path))
         from tqdm.auto import tqdm
 
         bar = tqdm(range(self.completed_rounds, end), desc="rounds", disable=not self.progress,
                    initial=self.completed_rounds, total=end, position=0)
         for r in bar:
-            self._run_round(r)
+            try:
+                self._run_round(r)
+            except BaseException:
+                self._interrupted = True
+                raise
         bar.close()
         self._write_totals()
         return self.strategy._require_state()
@@ -282,28 +357,43 @@ class SimulationRunner:
         ``sites`` and ``strategy`` are rebuilt by the caller from the run's config; their
         state comes from the checkpoint. ``rounds`` may extend the run. Uncommitted LOCAL
         state versions are deleted and ``metrics.jsonl`` is cut to the committed records.
+        Other sites (or their order), another strategy, other site seeds or GLOBAL tensors of
+        another model/partition are a :class:`ValueError` naming what differs; a damaged
+        checkpoint or a ``metrics.jsonl`` shorter than committed an :class:`OSError` naming
+        the file. Nothing is changed on disk before these checks pass.
         """
         run_dir = Path(run_dir)
         path = run_dir / "checkpoint.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: checkpoint format {ckpt.get('format')!r}; this runner "
-                             f"reads format {CHECKPOINT_FORMAT}")
+        ckpt = _load_checkpoint(path)
         ids = [s.site_id for s in sites]
         if ids != ckpt["site_ids"]:
-            raise ValueError(f"{path}: the run has sites {ckpt['site_ids']}; got {ids}")
+            run_ids = list(ckpt["site_ids"])
+            missing = [s for s in run_ids if s not in ids]
+            extra = [s for s in ids if s not in run_ids]
+            why = (f"missing {missing}, not in the run {extra}" if missing or extra else
+                   "the same sites in another order (the order fixes the sampling)")
+            raise ValueError(f"{path}: the run has sites {run_ids}; got {ids}: {why}")
         if strategy.name != ckpt["strategy_name"]:
             raise ValueError(f"{path}: the run used strategy '{ckpt['strategy_name']}'; got "
                              f"'{strategy.name}'")
+        seeds = ckpt.get("site_seeds") or {}
+        differ = {s.site_id: (seeds[s.site_id], getattr(s, "seed", None)) for s in sites
+                  if s.site_id in seeds and seeds[s.site_id] != getattr(s, "seed", None)}
+        if differ:
+            raise ValueError(f"{path}: the sites' seed differs from the run's (site: (run, "
+                             f"got)): {differ}")
         config = RunnerConfig(**ckpt["config"])
         if rounds is not None:
             config = dataclasses.replace(config, rounds=rounds)
         kw = dataclasses.asdict(config)
         runner = cls(sites, strategy, run_dir=run_dir, progress=progress, on_update=on_update,
                      evaluators=evaluators, privacy=privacy, compression=compression, **kw)
+        runner._check_global_state(path, ckpt["strategy"].get("global_state"))
         runner._restore(ckpt)
+        if config != RunnerConfig(**ckpt["config"]):  # extended: config.json says so now
+            runner._write_config()
         return runner
 
     # -- setup ------------------------------------------------------------------------------
@@ -321,12 +411,36 @@ class SimulationRunner:
                     self.store.put_initial(sid, existing)
             site.store = self.store
 
+    def _check_global_state(self, path: Path, state: Any) -> None:
+        """The checkpoint's GLOBAL tensors must be this model's under this partition."""
+        if not isinstance(state, Mapping):
+            raise OSError(f"{path}: damaged checkpoint, the strategy state has no global_state")
+        theirs = {k: tuple(v.shape) for k, v in state.items()}
+        ours = {k: tuple(v) for k, v in self._global_shapes.items()}
+        if theirs != ours:
+            only_run = sorted(set(theirs) - set(ours))[:5]
+            only_now = sorted(set(ours) - set(theirs))[:5]
+            shapes = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])[:5]
+            raise ValueError(f"{path}: the run's GLOBAL tensors do not match this model and "
+                             f"partition (only in the run: {only_run}; only here: {only_now}; "
+                             f"other shape: {shapes})")
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of a write that a kill interrupted (the rename never happened)."""
+        for pattern in (".checkpoint.pt.*.tmp", ".config.json.tmp", ".communication.json.tmp",
+                        "communication.json.tmp"):
+            for p in self.run_dir.glob(pattern):
+                p.unlink(missing_ok=True)
+
     def _start_fresh(self) -> None:
         if self._ckpt_path.exists():
             raise FileExistsError(f"{self._ckpt_path} exists: resume the run with "
                                   f"SimulationRunner.resume(...) or use another run_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.store.rollback(0)  # leftovers of a run killed before its first checkpoint
+        self._remove_stale_temp_files()
+        # no checkpoint: every LOCAL version here (even version 0) is a leftover of another
+        # run, which the sites must not start from
+        self.store.rollback(-1)
         self._install_store(import_existing=True)
         if self.strategy.state is None:
             seed_everything(self.config.seed)
@@ -335,13 +449,24 @@ class SimulationRunner:
             self.strategy.initialize(init, list(self.sites), protocols)
         with open(self._metrics_path, "w", encoding="utf-8"):
             pass
-        (self.run_dir / "config.json").write_text(json.dumps(
-            {**dataclasses.asdict(self.config), "strategy": self.strategy.name,
-             "sites": list(self.sites)}, indent=2) + "\n", encoding="utf-8")
+        self._write_config()
         self._started = True
         self._commit(0)
 
+    def _write_config(self) -> None:
+        _atomic_write_text(self.run_dir / "config.json", json.dumps(
+            {**dataclasses.asdict(self.config), "strategy": self.strategy.name,
+             "sites": list(self.sites)}, indent=2) + "\n")
+
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        committed = int(ckpt["metrics_bytes"])
+        size = self._metrics_path.stat().st_size if self._metrics_path.is_file() else None
+        if size is None or size < committed:
+            # truncate() would pad the file with NUL bytes: records are lost, say so
+            raise OSError(f"{self._metrics_path}: {'missing' if size is None else f'{size} bytes'}"
+                          f" but the checkpoint committed {committed} bytes of records; "
+                          f"restore the file or start the run again")
+        self._remove_stale_temp_files()
         self.strategy.load_state_dict(ckpt["strategy"])
         self.completed_rounds = int(ckpt["completed_rounds"])
         if self.privacy is not None and ckpt.get("privacy") is not None:
@@ -353,10 +478,15 @@ class SimulationRunner:
                 for gen, state in zip(loader_generators(self.sites[sid].train_loader), states):
                     gen.set_state(state)
         removed = self.store.rollback(self.completed_rounds)
+        # reads see the committed LOCAL state (an evaluation right after resume included)
+        self.store.set_round(self.completed_rounds - 1)
         self._install_store(import_existing=False)
         with open(self._metrics_path, "r+b") as f:
-            f.truncate(int(ckpt["metrics_bytes"]))
+            f.truncate(committed)
+            f.flush()
+            os.fsync(f.fileno())
         self._started = True
+        self._interrupted = False
         log.info("resumed %s after round %d (%d uncommitted local-state files dropped)",
                  self.run_dir, self.completed_rounds - 1, removed)
 
@@ -460,10 +590,7 @@ class SimulationRunner:
                   "bytes_sent": sum(v["bytes_sent"] for v in per_site.values()),
                   "bytes_received": sum(v["bytes_received"] for v in per_site.values()),
                   "per_site": per_site}
-        path = self.run_dir / "communication.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(totals, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        _atomic_write_text(self.run_dir / "communication.json", json.dumps(totals, indent=2) + "\n")
 
     def _write_records(self, rows: Any) -> None:
         append_records(self._metrics_path, rows)
@@ -478,6 +605,7 @@ class SimulationRunner:
             "strategy_name": self.strategy.name,
             "strategy": self.strategy.state_dict(),
             "site_ids": list(self.sites),
+            "site_seeds": {sid: getattr(s, "seed", None) for sid, s in self.sites.items()},
             "config": dataclasses.asdict(self.config),
             "runner_rng": self._rng.bit_generator.state,
             "rng": capture_rng(),
