@@ -26,11 +26,13 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 # Folders whose tests train tiny models (16-48 px): torch's intra-op threads only add
 # synchronization there, and on a loaded 2-core machine they slow a 16 px conv ~100x.
 ONE_THREAD_FOLDERS = frozenset({"runners", "privacy", "flower", "efficient", "cli"})
+ONE_THREAD_FILES = frozenset({"test_audit_models.py", "test_audit_training.py"})
 
 
 @pytest.fixture(autouse=True)
 def one_thread(request: pytest.FixtureRequest):
-    if not ONE_THREAD_FOLDERS & set(request.node.path.parts):
+    path = request.node.path
+    if not (ONE_THREAD_FOLDERS & set(path.parts) or path.name in ONE_THREAD_FILES):
         yield
         return
     before = torch.get_num_threads()

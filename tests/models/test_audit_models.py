@@ -34,15 +34,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in 
 H, W = 6, 5  # odd, non-square
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: intra-op threads only add synchronization on a loaded machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny_mri(batch: int = 2, coils: int = 2):
     mask = torch.stack([RandomMask([0.4], [2])((H, W), seed=s).mask for s in range(batch)])
     maps = birdcage_maps(coils, (H, W), dtype=torch.complex128).expand(batch, coils, H, W)

@@ -22,14 +22,6 @@ from fedrecon.train import evaluate_model, prepare_batch, reconstruct, train_loc
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ct_batch(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("audit_ct")
