@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         materialize_synthetic,
         prepare_run_dir,
     )
+    from .federated.store import atomic_write_text
 
     cfg = load_config(args.config)
     if args.rounds is not None:
@@ -100,9 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = materialize_synthetic(cfg, root)
         exp = build_experiment(cfg)
         runner = exp.runner(out, progress=not args.quiet)
-        tmp = out / f".{RUN_CONFIG_NAME}.tmp"
-        tmp.write_text(config_to_toml(cfg))
-        os.replace(tmp, out / RUN_CONFIG_NAME)
+        atomic_write_text(out / RUN_CONFIG_NAME, config_to_toml(cfg))
         started = True
         return _run(runner, out, cfg.rounds)
     except BaseException:
@@ -180,10 +178,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         import dataclasses
 
         from .experiment import config_to_toml
+        from .federated.store import atomic_write_text
 
-        tmp = run / f".{RUN_CONFIG_NAME}.tmp"
-        tmp.write_text(config_to_toml(dataclasses.replace(cfg, rounds=rounds)))
-        os.replace(tmp, path)
+        atomic_write_text(path, config_to_toml(dataclasses.replace(cfg, rounds=rounds)))
     if runner.completed_rounds >= rounds:
         print(f"{run}: all {rounds} rounds are complete (extend with --rounds N)")
         return 0

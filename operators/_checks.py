@@ -53,6 +53,14 @@ def check_finite(name: str, x: Tensor) -> None:
         raise ValueError(f"argument '{name}' must contain only finite values; got NaN or Inf")
 
 
+def check_finite_number(name: str, value: float) -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` when it is NaN or infinite."""
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"argument '{name}' must be a finite number; got {value}")
+    return out
+
+
 def check_positive(name: str, value: float) -> float:
     value = float(value)
     if not value > 0 or value != value or value == float("inf"):

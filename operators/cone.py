@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import _triton_ct
-from ._checks import check_positive, check_real, check_trailing_shape
+from ._checks import check_finite_number, check_positive, check_real, check_trailing_shape
 from .base import LinearOperator
 from .registry import register_operator
 
@@ -274,9 +274,8 @@ class ConeBeam3D(LinearOperator):
             raise ValueError(f"argument 'det_shape' must be two positive ints; got {det_shape}")
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"argument 'backend' must be 'auto', 'triton' or 'torch'; got {backend!r}")
-        offset = _pair("det_offset", det_offset, allow_scalar=False)
-        if not all(math.isfinite(o) for o in offset):
-            raise ValueError(f"argument 'det_offset' must be finite (row, column); got {det_offset}")
+        offset = tuple(check_finite_number("det_offset", o)
+                       for o in _pair("det_offset", det_offset, allow_scalar=False))
         self.backend = backend
         self.geometry = ConeGeometry(size, tuple(ang.tolist()), rows, cols, spacing, offset,  # type: ignore[arg-type]
                                      vs, dso, dod, stepping)

@@ -35,7 +35,14 @@ import torch
 from torch import Tensor
 
 from . import _cpu_spmm, _matrix_cache, _triton_ct
-from ._checks import as_image_size, as_int, check_positive, check_real, check_trailing_shape
+from ._checks import (
+    as_image_size,
+    as_int,
+    check_finite_number,
+    check_positive,
+    check_real,
+    check_trailing_shape,
+)
 from .base import LinearOperator
 from .registry import register_operator
 
@@ -539,13 +546,6 @@ def _check_det_count(det_count: int) -> int:
     return as_int("det_count", det_count, minimum=1)
 
 
-def _check_offset(det_offset: float) -> float:
-    offset = float(det_offset)
-    if not math.isfinite(offset):
-        raise ValueError(f"argument 'det_offset' must be a finite number; got {det_offset}")
-    return offset
-
-
 class ParallelBeam2D(_Projector2D):
     """Parallel-beam 2D projector with a matched backprojector.
 
@@ -576,7 +576,7 @@ class ParallelBeam2D(_Projector2D):
         if det_count is None:
             det_count = math.ceil(math.hypot(h, w) * ps / ds) + 1
         super().__init__(CTGeometry("parallel", (h, w), tuple(ang.tolist()),
-                                    _check_det_count(det_count), ds, _check_offset(det_offset), ps),
+                                    _check_det_count(det_count), ds, check_finite_number("det_offset", det_offset), ps),
                          backend)
 
 
@@ -618,7 +618,7 @@ class FanBeam2D(_Projector2D):
             half = radius * (dso + dod) / math.sqrt(dso**2 - radius**2)
             det_count = math.ceil(2 * half / ds) + 1
         super().__init__(CTGeometry("fan", (h, w), tuple(ang.tolist()), _check_det_count(det_count),
-                                    ds, _check_offset(det_offset), ps, dso, dod), backend)
+                                    ds, check_finite_number("det_offset", det_offset), ps, dso, dod), backend)
 
     @property
     def magnification(self) -> float:

@@ -19,7 +19,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import _integer, check_tensor, check_trailing_shape, real_dtype_of
+from ._checks import (
+    as_int,
+    check_finite_number,
+    check_positive,
+    check_tensor,
+    check_trailing_shape,
+    real_dtype_of,
+)
 from .base import LinearOperator
 from .linops import FiniteDifference2D
 
@@ -50,10 +57,12 @@ def _safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
 
 
 def _check_iterations(n_iter: int, tol: float, owner: str) -> None:
-    if _integer(n_iter) is None or n_iter < 0:
-        raise ValueError(f"{owner}: argument 'n_iter' must be an int >= 0; got {n_iter!r}")
-    if not (math.isfinite(float(tol)) and tol >= 0):
-        raise ValueError(f"{owner}: argument 'tol' must be finite and >= 0; got {tol!r}")
+    try:
+        as_int("n_iter", n_iter, minimum=0)
+        if check_finite_number("tol", tol) < 0:
+            raise ValueError(f"argument 'tol' must be >= 0; got {tol!r}")
+    except ValueError as err:
+        raise ValueError(f"{owner}: {err}") from None
 
 
 def conjugate_gradient(
@@ -260,9 +269,8 @@ def tv_reconstruction(
     if not lam >= 0:
         raise ValueError(f"tv_reconstruction: argument 'lam' must be >= 0; got {lam}")
     _check_iterations(n_iter, 0.0, "tv_reconstruction")
-    if step is not None and not (math.isfinite(float(step)) and step > 0):
-        raise ValueError(f"tv_reconstruction: argument 'step' must be a finite positive number; "
-                         f"got {step}")
+    if step is not None:
+        check_positive("step", step)
     grad = FiniteDifference2D(op.domain_shape[-2:], complex=op.domain_complex)
     backproj = op.A_adjoint(y)
     x = torch.zeros_like(backproj) if x0 is None else x0

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DiskStore", "LocalStore", "MemoryStore", "atomic_torch_save"]
+__all__ = ["DiskStore", "LocalStore", "MemoryStore", "atomic_torch_save", "atomic_write_text"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -26,6 +26,20 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``.<name>.tmp`` next to ``path``, fsync, ``os.replace``, then
+    fsync the folder: after a crash ``path`` holds the old or the new text, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

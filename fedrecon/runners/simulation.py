@@ -53,7 +53,7 @@ from fedrecon.federated import (
     site_seed,
     state_nbytes,
 )
-from fedrecon.federated.store import atomic_torch_save
+from fedrecon.federated.store import atomic_torch_save, atomic_write_text
 from fedrecon.models import Scope
 from fedrecon.train import seed_everything
 
@@ -162,16 +162,6 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: line {number} is not a JSON record ({err}); a run "
                                  f"killed mid-write is repaired by resuming it") from err
     return records
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _check_site_id(site_id: Any) -> None:
@@ -454,7 +444,7 @@ class SimulationRunner:
         self._commit(0)
 
     def _write_config(self) -> None:
-        _atomic_write_text(self.run_dir / "config.json", json.dumps(
+        atomic_write_text(self.run_dir / "config.json", json.dumps(
             {**dataclasses.asdict(self.config), "strategy": self.strategy.name,
              "sites": list(self.sites)}, indent=2) + "\n")
 
@@ -590,7 +580,7 @@ class SimulationRunner:
                   "bytes_sent": sum(v["bytes_sent"] for v in per_site.values()),
                   "bytes_received": sum(v["bytes_received"] for v in per_site.values()),
                   "per_site": per_site}
-        _atomic_write_text(self.run_dir / "communication.json", json.dumps(totals, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "communication.json", json.dumps(totals, indent=2) + "\n")
 
     def _write_records(self, rows: Any) -> None:
         append_records(self._metrics_path, rows)
