@@ -1,15 +1,28 @@
 """The SENSE operator's CPU chains without an autograd graph (``mri``): reused per-thread
-buffers, scipy's FFT in place, and the sampled-columns adjoint of column masks.
+buffers, scipy's FFT in place, the sampled-columns paths of column masks, and a pool of
+recycled result buffers.
 
 Fresh coil-sized CPU allocations are page-faulted in on every call, which costs as much as the
 FFT itself, and torch's CPU FFT into ``out=`` computes into a temporary and copies back; so
 these chains keep their data in ``_cpu_spmm.workspace`` buffers and transform them in place
 with scipy's pocketfft, with the numba passes of ``_sense_kernels`` around it and no torch op
 in between (torch's OpenMP workers keep spinning after one, slowing scipy's FFT).
+
+The result of ``A`` is coil-sized and must be fresh (the caller keeps it). glibc hands blocks
+over 32 MiB back to the kernel when they are freed, so every fresh one is page-faulted in again
+(B=4, 15 coils, 320^2: writing 49 MB into fresh memory 13 ms, into paged-in memory 3 ms). So
+the sampled-columns ``A`` writes into ``result_buffer``s: huge-page mappings handed out as
+tensors and taken back when the tensor dies (its memory is never shared with a live tensor),
+at most ``POOL_KEEP`` free ones per size and ``POOL_MAX_BYTES`` in all, like the caching
+allocator torch uses on CUDA. ``FEDRECON_CPU_POOL=off`` allocates plainly; ``clear_scratch``
+also empties the pool.
 """
 
 from __future__ import annotations
 
+import mmap
+import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +32,8 @@ from torch import Tensor
 
 from . import _cpu_spmm, _sense_kernels
 
-__all__ = ["clear_scratch", "columns_adjoint_fft", "fft_inplace", "scratch"]
+__all__ = ["POOL_ENV_VAR", "POOL_KEEP", "POOL_MAX_BYTES", "clear_scratch", "columns_adjoint_fft",
+           "columns_forward_fft", "fft_inplace", "pool_stats", "result_buffer", "scratch"]
 
 _SCRATCH = "mri_scratch"  # this module's ``_cpu_spmm.workspace`` buffers: coil-sized
 _COLUMNS = "mri_columns"  # the sampled columns of coil data (``columns_adjoint_fft``)
@@ -27,6 +41,59 @@ _COLUMNS = "mri_columns"  # the sampled columns of coil data (``columns_adjoint_
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+POOL_ENV_VAR = "FEDRECON_CPU_POOL"  # "off": plain allocations for the results
+POOL_KEEP = 2  # free result buffers kept per size
+POOL_MAX_BYTES = 1 << 30  # and in all
+_POOL_MIN_BYTES = 4 << 20  # smaller blocks come back from malloc's heap without page faults
+_POOL_LOCK = threading.Lock()
+_POOL: dict[int, list[mmap.mmap]] = {}  # free mappings by size
+_POOL_COUNTS = {"new": 0, "reused": 0}
+
+
+def _give_back(region: mmap.mmap) -> None:
+    """A dead result's mapping back into the pool, or dropped (unmapped with its last
+    reference) beyond the pool's bounds."""
+    with _POOL_LOCK:
+        free = _POOL.setdefault(len(region), [])
+        held = sum(len(r) for rs in _POOL.values() for r in rs)
+        if len(free) < POOL_KEEP and held + len(region) <= POOL_MAX_BYTES:
+            free.append(region)
+
+
+def result_buffer(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An uninitialised CPU tensor of ``shape`` and ``dtype`` for a result that leaves the
+    call: from the pool (a mapping freed by an earlier result, already paged in) or a new
+    huge-page mapping, given back to the pool when the tensor and every view of it are gone.
+    Small sizes and ``FEDRECON_CPU_POOL=off``: ``torch.empty``."""
+    dt = _np_dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    nbytes = count * dt.itemsize
+    if nbytes < _POOL_MIN_BYTES or _cpu_spmm.switched_off(POOL_ENV_VAR):
+        return torch.empty(tuple(shape), dtype=dtype)
+    with _POOL_LOCK:
+        free = _POOL.get(nbytes)
+        region = free.pop() if free else None
+        _POOL_COUNTS["reused" if region is not None else "new"] += 1
+    if region is None:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                region.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # no transparent huge pages here
+                pass
+    arr = np.frombuffer(region, dtype=dt, count=count).reshape(tuple(shape))
+    # the tensor holds ``arr`` (torch.from_numpy): it dies with the last tensor on its memory
+    weakref.finalize(arr, _give_back, region).atexit = False
+    return torch.from_numpy(arr)
+
+
+def pool_stats() -> dict[str, int]:
+    """The pool's counts: result buffers newly mapped and reused, free buffers and bytes."""
+    with _POOL_LOCK:
+        return {**_POOL_COUNTS, "free": sum(len(rs) for rs in _POOL.values()),
+                "free_bytes": sum(len(r) for rs in _POOL.values() for r in rs)}
 
 
 def scratch(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -37,9 +104,11 @@ def scratch(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
 
 
 def clear_scratch() -> None:
-    """Release this thread's reusable MRI buffers."""
+    """Release this thread's reusable MRI buffers and the pool's free result buffers."""
     _cpu_spmm.release_workspace(_SCRATCH)
     _cpu_spmm.release_workspace(_COLUMNS)
+    with _POOL_LOCK:
+        _POOL.clear()
 
 
 def fft_inplace(buf: Tensor | np.ndarray, inverse: bool = False,
@@ -80,3 +149,20 @@ def columns_adjoint_fft(y: Tensor, cols: np.ndarray, weights: Tensor,
     buf = scratch(y.shape, y.dtype)
     _sense_kernels.cpu_scatter_columns(fft_inplace(g, inverse=True, axes=(-2,)), cols, buf)
     return fft_inplace(buf, inverse=True, axes=(-1,))
+
+
+def columns_forward_fft(buf: Tensor, cols: np.ndarray, weights: Tensor,
+                        rows_per_sample: int) -> Tensor | None:
+    """``M fft2(buf)`` for coil images in a contiguous CPU scratch buffer ``buf (..., H, W)``
+    (overwritten) and a mask that samples only the columns ``cols``: the FFT along ``W`` in
+    place, the sampled columns gathered into a reused buffer, the FFT along ``H`` over them
+    only, then scattered times ``weights`` (``column_weights``, as in
+    ``columns_adjoint_fft``) into a zero-filled ``result_buffer``, which is returned. None
+    where the CPU kernels do not run."""
+    if not (_sense_kernels.cpu_ready(buf, weights) and buf.is_contiguous()):
+        return None  # (checked before ``buf`` is transformed: the caller falls back on it)
+    g = _cpu_spmm.workspace(_COLUMNS, (*buf.shape[:-1], len(cols)), _np_dtype(buf.dtype))
+    _sense_kernels.cpu_gather_columns(fft_inplace(buf, axes=(-1,)), cols, None, g, 1)
+    out = result_buffer(buf.shape, buf.dtype)
+    return _sense_kernels.cpu_scatter_columns(fft_inplace(g, axes=(-2,)), cols, out, weights,
+                                              rows_per_sample)

@@ -24,9 +24,11 @@ vice versa; of the scatter, the gather of the columns), for inputs whose coil ma
 require grad. Complex data are read as interleaved real pairs: on the GPU ``(BLOCK, 2)``
 tiles split into real and imaginary parts in registers; on the CPU blocks of ``_CPU_BLOCK``
 pixels accumulated in a small buffer (L1-resident) over the coils, with LLVM's SLP vectoriser
-(``_cpu_spmm.compile_slp``), on plain Python threads (``_cpu_spmm.run_split``). Alone the
-CPU product and mask are slower than torch's (9.6-10.7 vs 7.2 ms, 7.9 vs 5.5 ms); they pay
-only where they keep torch out of a chain with scipy's FFT (A^H, A^H A). The Triton
+(``_cpu_spmm.compile_slp``), on plain Python threads (``_cpu_spmm.run_split``). Their index
+arithmetic is unsigned: numba checks signed indices for wraparound, which kept LLVM from
+vectorising the loops (2-core Xeon, B=4, 15 coils, 320^2: product 6.6 -> 3.7-4.2 ms, combine
+7.4 -> 4.0-4.8, mask 5.2 -> 3.1-3.4, torch's 3.3-3.6, 3.1-3.3). They pay where they keep torch
+out of a chain with scipy's FFT (A, A^H, A^H A; torch's spinning OpenMP workers slow it). The Triton
 kernels also run under Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) for the
 tests. ``FEDRECON_SENSE_KERNELS=off`` keeps torch's passes everywhere.
 """
@@ -61,66 +63,72 @@ def _cpu_product(s, x, out, n_coils, n_pix, width, maps_bstride, x_bstride, chec
                  t1):  # pragma: no cover - numba
     """Tasks ``t0 <= t < t1`` = (sample, block of ``_CPU_BLOCK`` pixels) of the coil product;
     flat real views, ``maps_bstride`` / ``x_bstride`` reals between samples of the maps and
-    of the image ``x`` (0: shared), ``out (B, C, P, 2)``."""
-    blk = _CPU_BLOCK
-    n_blk = (n_pix + blk - 1) // blk
-    xs = np.empty(2 * blk, dtype=out.dtype)
-    for t in range(t0, t1):
+    of the image ``x`` (0: shared), ``out (B, C, P, 2)``. Index arithmetic unsigned (see the
+    module docstring), as in the other CPU kernels."""
+    u1, u2 = np.uint64(1), np.uint64(2)
+    blk, npx = np.uint64(_CPU_BLOCK), np.uint64(n_pix)
+    nc, wd = np.uint64(n_coils), np.uint64(width)
+    n_blk = (npx + blk - u1) // blk
+    xs = np.empty(2 * _CPU_BLOCK, dtype=out.dtype)
+    for t in range(np.uint64(t0), np.uint64(t1)):
         b, p0 = t // n_blk, (t % n_blk) * blk
-        m = min(n_pix, p0 + blk) - p0
-        xb = b * x_bstride + 2 * p0
+        m = min(npx, p0 + blk) - p0
+        xb = b * np.uint64(x_bstride) + u2 * p0
         for k in range(m):
             sign = 1.0
             if check:
-                h = (p0 + k) // width
-                sign = 1.0 - 2.0 * ((h + p0 + k - h * width) % 2)
-            xs[2 * k] = x[xb + 2 * k] * sign
-            xs[2 * k + 1] = x[xb + 2 * k + 1] * sign
-        for c in range(n_coils):
-            sb = b * maps_bstride + c * 2 * n_pix + 2 * p0
-            ob = (b * n_coils + c) * 2 * n_pix + 2 * p0
+                h = (p0 + k) // wd
+                sign = 1.0 - 2.0 * ((h + p0 + k - h * wd) % u2)
+            xs[u2 * k] = x[xb + u2 * k] * sign
+            xs[u2 * k + u1] = x[xb + u2 * k + u1] * sign
+        for c in range(nc):
+            sb = b * np.uint64(maps_bstride) + c * u2 * npx + u2 * p0
+            ob = (b * nc + c) * u2 * npx + u2 * p0
             for k in range(m):
-                sr, si = s[sb + 2 * k], s[sb + 2 * k + 1]
-                xr, xi = xs[2 * k], xs[2 * k + 1]
-                out[ob + 2 * k] = sr * xr - si * xi
-                out[ob + 2 * k + 1] = sr * xi + si * xr
+                sr, si = s[sb + u2 * k], s[sb + u2 * k + u1]
+                xr, xi = xs[u2 * k], xs[u2 * k + u1]
+                out[ob + u2 * k] = sr * xr - si * xi
+                out[ob + u2 * k + u1] = sr * xi + si * xr
 
 
 def _cpu_mask(y, m, out, n_coils, n_pix, m_bstride, t0, t1):  # pragma: no cover - numba
     """``out = y * m`` for coil planes ``t0 <= t < t1`` (complex arrays, flat), ``m`` one
     plane per sample (``m_bstride`` elements apart, 0: shared); ``out`` may be ``y``."""
-    for t in range(t0, t1):
-        base, mb = t * n_pix, (t // n_coils) * m_bstride
-        for k in range(n_pix):
+    npx, nc, mbs = np.uint64(n_pix), np.uint64(n_coils), np.uint64(m_bstride)
+    for t in range(np.uint64(t0), np.uint64(t1)):
+        base, mb = t * npx, (t // nc) * mbs
+        for k in range(npx):
             out[base + k] = y[base + k] * m[mb + k]
 
 
 def _cpu_combine(s, z, out, n_coils, n_pix, width, maps_bstride, check, t0, t1):  # pragma: no cover - numba
     """Tasks ``t0 <= t < t1`` of the combine; ``z (B, C, P, 2)``, ``out (B, P, 2)``."""
-    blk = _CPU_BLOCK
-    n_blk = (n_pix + blk - 1) // blk
-    acc = np.empty(2 * blk, dtype=out.dtype)
-    for t in range(t0, t1):
+    u1, u2 = np.uint64(1), np.uint64(2)
+    blk, npx = np.uint64(_CPU_BLOCK), np.uint64(n_pix)
+    nc, wd = np.uint64(n_coils), np.uint64(width)
+    n_blk = (npx + blk - u1) // blk
+    acc = np.empty(2 * _CPU_BLOCK, dtype=out.dtype)
+    for t in range(np.uint64(t0), np.uint64(t1)):
         b, p0 = t // n_blk, (t % n_blk) * blk
-        m = min(n_pix, p0 + blk) - p0
-        for k in range(2 * m):
+        m = min(npx, p0 + blk) - p0
+        for k in range(u2 * m):
             acc[k] = 0.0
-        for c in range(n_coils):
-            sb = b * maps_bstride + c * 2 * n_pix + 2 * p0
-            zb = (b * n_coils + c) * 2 * n_pix + 2 * p0
+        for c in range(nc):
+            sb = b * np.uint64(maps_bstride) + c * u2 * npx + u2 * p0
+            zb = (b * nc + c) * u2 * npx + u2 * p0
             for k in range(m):
-                sr, si = s[sb + 2 * k], s[sb + 2 * k + 1]
-                zr, zi = z[zb + 2 * k], z[zb + 2 * k + 1]
-                acc[2 * k] += sr * zr + si * zi
-                acc[2 * k + 1] += sr * zi - si * zr
-        ob = b * 2 * n_pix + 2 * p0
+                sr, si = s[sb + u2 * k], s[sb + u2 * k + u1]
+                zr, zi = z[zb + u2 * k], z[zb + u2 * k + u1]
+                acc[u2 * k] += sr * zr + si * zi
+                acc[u2 * k + u1] += sr * zi - si * zr
+        ob = b * u2 * npx + u2 * p0
         for k in range(m):
             sign = 1.0
             if check:
-                h = (p0 + k) // width
-                sign = 1.0 - 2.0 * ((h + p0 + k - h * width) % 2)
-            out[ob + 2 * k] = acc[2 * k] * sign
-            out[ob + 2 * k + 1] = acc[2 * k + 1] * sign
+                h = (p0 + k) // wd
+                sign = 1.0 - 2.0 * ((h + p0 + k - h * wd) % u2)
+            out[ob + u2 * k] = acc[u2 * k] * sign
+            out[ob + u2 * k + u1] = acc[u2 * k + u1] * sign
 
 
 def _cpu_gather(y, cols, wts, out, n_sel, width, rows_per_sample, height, w_bstride,
@@ -128,22 +136,33 @@ def _cpu_gather(y, cols, wts, out, n_sel, width, rows_per_sample, height, w_bstr
     """Rows ``t0 <= r < t1`` of ``y (R, width)`` at the columns ``cols`` into ``out (R, n_sel)``,
     times ``wts[parity * w_pstride + sample * w_bstride + j]`` (``parity`` of the row within
     its image, so that a sign alternating along ``H`` needs no multiply; 0 strides: shared)."""
-    for r in range(t0, t1):
-        wb = (r // rows_per_sample) * w_bstride + ((r % height) % 2) * w_pstride
-        yb, ob = r * width, r * n_sel
-        for j in range(n_sel):
-            out[ob + j] = y[yb + cols[j]] * wts[wb + j]
+    u2 = np.uint64(2)
+    ns, wd = np.uint64(n_sel), np.uint64(width)
+    rps, ht = np.uint64(rows_per_sample), np.uint64(height)
+    wbs, wps = np.uint64(w_bstride), np.uint64(w_pstride)
+    for r in range(np.uint64(t0), np.uint64(t1)):
+        wb = (r // rps) * wbs + ((r % ht) % u2) * wps
+        yb, ob = r * wd, r * ns
+        for j in range(ns):
+            out[ob + j] = y[yb + np.uint64(cols[j])] * wts[wb + j]
 
 
-def _cpu_scatter(g, cols, out, n_sel, width, t0, t1):  # pragma: no cover - numba
+def _cpu_scatter(g, cols, wts, out, n_sel, width, rows_per_sample, height, w_bstride,
+                 w_pstride, t0, t1):  # pragma: no cover - numba
     """Rows ``t0 <= r < t1``: ``out (R, width)`` zero but at the columns ``cols``, which take
-    the row of ``g (R, n_sel)`` (each output row is written once, while it is in L1)."""
-    for r in range(t0, t1):
-        gb, ob = r * n_sel, r * width
-        for k in range(width):
+    the row of ``g (R, n_sel)`` times ``wts`` (indexed as in ``_cpu_gather``); each output
+    row is written once, while it is in L1."""
+    u2 = np.uint64(2)
+    ns, wd = np.uint64(n_sel), np.uint64(width)
+    rps, ht = np.uint64(rows_per_sample), np.uint64(height)
+    wbs, wps = np.uint64(w_bstride), np.uint64(w_pstride)
+    for r in range(np.uint64(t0), np.uint64(t1)):
+        wb = (r // rps) * wbs + ((r % ht) % u2) * wps
+        gb, ob = r * ns, r * wd
+        for k in range(wd):
             out[ob + k] = 0
-        for j in range(n_sel):
-            out[ob + cols[j]] = g[gb + j]
+        for j in range(ns):
+            out[ob + np.uint64(cols[j])] = g[gb + j] * wts[wb + j]
 
 
 def cpu_ready(*ts: Tensor) -> bool:
@@ -219,32 +238,48 @@ def cpu_combine(maps: Tensor, z: Tensor, check: bool) -> Tensor | None:
     return out
 
 
-def cpu_gather_columns(y: Tensor, cols: np.ndarray, weights: Tensor, out: np.ndarray,
+def _column_args(weights: Tensor | None, n: int, rows_per_sample: int, height: int,
+                 dtype: torch.dtype) -> tuple:
+    """The weight arguments of ``_cpu_gather`` / ``_cpu_scatter``: the flat weights (ones when
+    None), ``rows_per_sample``, ``height`` and the sample and parity strides."""
+    if weights is None:
+        weights = torch.ones(1, 1, n, dtype=dtype)
+    p, s = weights.shape[:2]
+    w = weights.detach().resolve_conj().contiguous().numpy().reshape(-1)
+    return w, rows_per_sample, height, n if s > 1 else 0, s * n if p > 1 else 0
+
+
+def cpu_gather_columns(y: Tensor, cols: np.ndarray, weights: Tensor | None, out: np.ndarray,
                        rows_per_sample: int) -> np.ndarray | None:
     """``out[..., r, j] = y[..., r, cols[j]] * weights[row parity, sample, j]`` on the CPU for
     a contiguous ``y (..., W)`` and ``out (..., len(cols))`` (same dtype); ``weights`` is
     ``(P, S, n)`` with ``P`` 1 or 2 (when 2, by the parity of the row's index along ``H =
     y.shape[-2]``: a sign alternating along ``H`` without a multiply) and ``S`` 1 (shared) or
-    the number of samples (``rows_per_sample`` rows each). None where it does not apply."""
-    n = len(cols)
-    if not cpu_ready(y, weights) or not y.is_contiguous() or out.dtype != y.numpy().dtype:
+    the number of samples (``rows_per_sample`` rows each), or None (ones). None where it does
+    not apply."""
+    if (not cpu_ready(y, *(() if weights is None else (weights,))) or not y.is_contiguous()
+            or out.dtype != y.numpy().dtype):
         return None
-    p, s = weights.shape[:2]
-    rows = y.numel() // y.shape[-1]
-    w = weights.detach().resolve_conj().contiguous().numpy().reshape(-1)
+    n = len(cols)
+    w, *rest = _column_args(weights, n, rows_per_sample, y.shape[-2], y.dtype)
     _cpu_run("gather", _cpu_gather, (y.numpy().reshape(-1), cols, w, out.reshape(-1), n,
-                                     y.shape[-1], rows_per_sample, y.shape[-2],
-                                     n if s > 1 else 0, s * n if p > 1 else 0), rows)
+                                     y.shape[-1], *rest), y.numel() // y.shape[-1])
     return out
 
 
-def cpu_scatter_columns(g: np.ndarray, cols: np.ndarray, out: Tensor) -> Tensor | None:
-    """``out (..., W)`` zero but ``out[..., cols] = g (..., len(cols))``, on the CPU, each row
+def cpu_scatter_columns(g: np.ndarray, cols: np.ndarray, out: Tensor,
+                        weights: Tensor | None = None,
+                        rows_per_sample: int = 1) -> Tensor | None:
+    """``out (..., W)`` zero but ``out[..., r, cols[j]] = g[..., r, j] * weights[row parity,
+    sample, j]`` (``weights`` as in ``cpu_gather_columns``; None: ones), on the CPU, each row
     written once; None where it does not apply."""
-    if not cpu_ready(out) or not out.is_contiguous() or out.numpy().dtype != g.dtype:
+    if (not cpu_ready(out, *(() if weights is None else (weights,))) or not out.is_contiguous()
+            or out.numpy().dtype != g.dtype):
         return None
-    _cpu_run("scatter", _cpu_scatter, (g.reshape(-1), cols, out.numpy().reshape(-1), len(cols),
-                                       out.shape[-1]), out.numel() // out.shape[-1])
+    n = len(cols)
+    w, *rest = _column_args(weights, n, rows_per_sample, out.shape[-2], out.dtype)
+    _cpu_run("scatter", _cpu_scatter, (g.reshape(-1), cols, w, out.numpy().reshape(-1), n,
+                                       out.shape[-1], *rest), out.numel() // out.shape[-1])
     return out
 
 

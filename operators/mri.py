@@ -25,7 +25,8 @@ image-side checkerboard inside (``_sense_kernels``), and the FFTs run unnormalis
 orthonormal scale folded into the mask: what is left besides the FFT is one pass each for
 the coil product, the mask and the combine (measured on an H200: A + A^H 1.29x the GPU time
 of a bare orthonormal fft2 + ifft2 of the coil data; docs/benchmarks.md). On the CPU, without
-an autograd graph, ``A^H`` and ``A^H A`` run the in-place chains of ``_mri_cpu``.
+an autograd graph, ``A^H``, ``A^H A`` and (column masks) ``A`` run the in-place chains of
+``_mri_cpu``.
 
 Masks whose rows are all the same (fastMRI's 1D masks of columns) take shorter paths, chosen
 by ``FEDRECON_MRI_SPLIT`` (``auto``, the default; ``on``; ``off``: the full 2D FFTs always):
@@ -34,16 +35,18 @@ by ``FEDRECON_MRI_SPLIT`` (``auto``, the default; ``on``; ``off``: the full 2D F
   ``F^H M^2 F`` the ``H``-transforms cancel and only the FFTs along ``W`` run: exact, half
   the FFT work, on every device and through autograd (CPU, B=4, 15 coils, 320^2: 63 vs 88 ms
   without a graph).
-- ``A^H`` on the CPU without an autograd graph (``auto``, ``on``; even sizes, at most
-  :data:`SPLIT_MAX_FRACTION` of the columns sampled): the inverse FFT along ``H`` over the
-  sampled columns only (``_mri_cpu.columns_adjoint_fft``; 40 vs 45 ms, 81 of 320 columns).
-- The *split* path of ``A`` and ``A^H`` in torch (``on`` only): the FFT along ``W`` over all
-  the coil data, then the FFT along ``H`` over the sampled columns only, the rest of k-space
-  left zero (``A^H`` mirrors it). It works with autograd and on CUDA but was measured slower
-  than the full path on both machines tried (the gather and the zero-filled scatter cost
-  more: H200 A 0.25 vs 0.13 ms, 2-core CPU 84 vs 53 ms). ``A`` on the CPU gains nothing from
-  the numba version either (a fresh, zero-filled result costs a page-faulting pass of its
-  own: 46-48 vs 47 ms).
+- ``A`` and ``A^H`` on the CPU without an autograd graph (``auto``, ``on``; even sizes, at
+  most :data:`SPLIT_MAX_FRACTION` of the columns sampled): the FFT along ``H`` over the
+  sampled columns only (``_mri_cpu.columns_forward_fft`` / ``columns_adjoint_fft``), numba
+  passes and scipy's in-place FFTs; ``A``'s zero-filled result comes from a pool of recycled
+  buffers (``_mri_cpu.result_buffer``: a fresh one is page-faulted in on every call). B=4, 15
+  coils, 320^2, 81 of 320 columns, 2-core Xeon: A 25 vs 29 ms, A^H 25 vs 29 ms.
+- The *split* path of ``A`` and ``A^H`` in torch (``on`` only, where the CPU paths above do
+  not run, e.g. under autograd): the FFT along ``W`` over all the coil data, then the FFT
+  along ``H`` over the sampled columns only, the rest of k-space left zero (``A^H`` mirrors
+  it). It works with autograd and on CUDA but was measured slower than the full path on both
+  machines tried (the gather and the zero-filled scatter cost more: H200 A 0.25 vs 0.13 ms,
+  2-core CPU 84 vs 53 ms).
 """
 
 from __future__ import annotations
@@ -425,21 +428,27 @@ class MultiCoilMRI(_CartesianMRI):
         """``(..., H, W) -> (..., C, H, W)``: ``M * fft2c(S * x)``."""
         x = self._prepare_image(x, check=False)
         maps = self._maps(x.dtype, x.device)
-        cols = self._split_columns(x.device)
-        if cols is not None:
-            return self._split(self._coils(maps, x), cols, adjoint=False)
         fold = self._fold(x)
         m = self._kmask(x.dtype, x.device, fold=fold)
+        cols = self._split_columns(x.device)
         if self._fast and _no_graph(x, maps, m):
-            # one coil-sized allocation (the result): the coil product goes to a reused
-            # scratch buffer, the FFT writes the fresh result (torch's FFT is fastest with a
-            # fresh output), the mask multiplies it in place. (The CPU kernels + scipy's FFT
-            # in place + the mask into the fresh result, as in A^H, measured slower here: 58
-            # vs 48 ms, B=4, 15 coils, 320^2.)
             shape = torch.broadcast_shapes(maps.shape, x.unsqueeze(-3).shape)
             if torch.broadcast_shapes(shape, m.shape) == shape:
-                buf = self._coils(maps, x, out=_mri_cpu.scratch(shape, x.dtype))
-                return torch.fft.fft2(buf, dim=_DIMS, norm="ortho").mul_(m)
+                # a column mask: the sampled-columns chain, its result from the pool
+                buf = _mri_cpu.scratch(shape, x.dtype)
+                out = self._forward_columns(maps, x, buf)
+                if out is not None:
+                    return out
+                if cols is None:
+                    # else one coil-sized allocation (the result): the coil product goes to
+                    # the scratch buffer, torch's FFT writes the fresh result (it is fastest
+                    # with a fresh output), the mask multiplies it in place. (The CPU kernels +
+                    # scipy's FFT in place + the mask into the fresh result, as in A^H,
+                    # measured slower: 58 vs 48 ms, B=4, 15 coils, 320^2, 2-core AMD.)
+                    buf = self._coils(maps, x, out=buf)
+                    return torch.fft.fft2(buf, dim=_DIMS, norm="ortho").mul_(m)
+        if cols is not None:
+            return self._split(self._coils(maps, x), cols, adjoint=False)
         k = self._fwd_fft(self._coils(maps, x), fold)
         return self._apply_mask(k, m)
 
@@ -476,19 +485,42 @@ class MultiCoilMRI(_CartesianMRI):
         FFT along ``W``, the combine; numba passes and scipy's in-place FFTs, no torch op
         (B=4, 15 coils, 320^2, 81 of 320 columns: 38.6 vs 44 ms for the full scratch path).
         None where it does not apply."""
-        cols = self._sampled_columns(y.dtype)
+        cols = self._column_weights(y.dtype, y.shape[:-3])
         if cols is None:
             return None
         cols, weights = cols
-        c, h, w = self.range_shape
-        lead, mlead, n = y.shape[:-3], weights.shape[1:-1], len(cols)
-        if not 0 < n <= SPLIT_MAX_FRACTION * w:
+        c, h, _ = self.range_shape
+        buf = _mri_cpu.columns_adjoint_fft(y.contiguous(), cols, weights, c * h)
+        return None if buf is None else self._image(maps, buf, after_scipy=True)
+
+    def _forward_columns(self, maps: Tensor, x: Tensor, buf: Tensor) -> Tensor | None:
+        """``A x`` on the CPU without autograd for a mask of at most ``SPLIT_MAX_FRACTION`` of
+        the columns (fast path; not with ``FEDRECON_MRI_SPLIT=off``): the coil product into
+        the scratch buffer ``buf``, then ``_mri_cpu.columns_forward_fft`` (the FFT along
+        ``H`` over the sampled columns only, the result in a recycled buffer). None (``buf``
+        untouched) where it does not apply."""
+        cols = self._column_weights(buf.dtype, buf.shape[:-3])
+        if cols is None or _sense_kernels.cpu_product(maps, x, True, buf) is None:
+            return None
+        return _mri_cpu.columns_forward_fft(buf, *cols, self.range_shape[0] * self.domain_shape[0])
+
+    def _column_weights(self, dtype: torch.dtype,
+                        lead: torch.Size) -> tuple[np.ndarray, Tensor] | None:
+        """The sampled columns and the k-space mask at them as ``(2, samples or 1, n)``
+        weights (``_sampled_columns``) for coil data with leading dims ``lead``; None where
+        the sampled-columns paths do not apply (no column mask, none or more than
+        ``SPLIT_MAX_FRACTION`` of the columns sampled)."""
+        cols = self._sampled_columns(dtype)
+        if cols is None:
+            return None
+        cols, weights = cols
+        mlead, n = weights.shape[1:-1], len(cols)
+        if not 0 < n <= SPLIT_MAX_FRACTION * self.domain_shape[1]:
             return None
         if mlead != lead and mlead.numel() > 1:  # per-sample weights for every sample
             ones = (1,) * (len(lead) - len(mlead))
             weights = weights.reshape(2, *ones, *mlead, n).expand(2, *lead, n)
-        buf = _mri_cpu.columns_adjoint_fft(y.contiguous(), cols, weights.reshape(2, -1, n), c * h)
-        return None if buf is None else self._image(maps, buf, after_scipy=True)
+        return cols, weights.reshape(2, -1, n)
 
     def _sampled_columns(self, dtype: torch.dtype) -> tuple[np.ndarray, Tensor] | None:
         """For ``_adjoint_columns``: the sampled columns and the k-space mask at them on the

@@ -85,7 +85,7 @@ def test_gradient_dc_is_one_hand_computed_gradient_step() -> None:
     z = torch.randn(2, H, W, dtype=torch.complex128, generator=torch.Generator().manual_seed(2))
     dc = GradientDC(2, init_step=0.7).double()
     a = _dense_matrix(op, 1)
-    eta = float(dc.step(1)) / op.norm_bound() ** 2
+    eta = float(dc.step(1).detach()) / op.norm_bound() ** 2
     zb = z[1].reshape(-1)
     expected = (zb - eta * a.conj().T @ (a @ zb - y[1].reshape(-1))).reshape(H, W)
     torch.testing.assert_close(dc(z, y, op, 1)[1], expected, rtol=1e-12, atol=1e-12)

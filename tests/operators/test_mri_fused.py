@@ -72,18 +72,20 @@ SCRIPT = textwrap.dedent('''
                 assert rel(op.A_normal(x.to(c64)), an_ref) < 1e-5, (fold, split, lead)
                 n = {k: calls.get(k, 0) - before.get(k, 0) for k in calls}
                 scratch = not fold  # the CPU's scratch-buffer paths (no autograd graph)
-                # A^H on the sampled columns only (at most half of them are sampled here)
+                # A and A^H on the sampled columns only (at most half of them are sampled here)
                 columns = scratch and split != "off" and int((mask != 0).sum()) <= W // 2
                 if triton_path and not scratch:
                     assert n["_launch_product"] == n["_launch_combine"] == 2, n
-                # the torch split path: A (its scratch path comes after), A^H without the CPU's
-                scatters = (1 if scratch else 2) if split == "on" and triton_path else 0
+                # the torch split path (A and A^H) where the CPU's sampled-columns paths do not run
+                scatters = 0 if columns else 2 if split == "on" and triton_path else 0
                 assert n.get("_launch_scatter", 0) == scatters, n
                 # the numba passes around scipy's FFT in A^H and A^H A
                 assert n.get("cpu_combine", 0) == (2 if scratch else 0), n
                 assert n.get("cpu_mask", 0) == ((1 if columns else 2) if scratch else 0), n
-                assert n.get("cpu_product", 0) == (1 if scratch else 0), n
-                assert n.get("cpu_gather_columns", 0) == n.get("cpu_scatter_columns", 0) == columns, n
+                # A^H A, and A on the sampled columns
+                assert n.get("cpu_product", 0) == ((1 + columns) if scratch else 0), n
+                # A^H and A on the sampled columns: one gather and one scatter each
+                assert n.get("cpu_gather_columns", 0) == n.get("cpu_scatter_columns", 0) == 2 * columns, n
                 # autograd: the gradient of Re<A x, y> in x is A^H y, of Re<A^H y, x> in y is A x
                 xg = x.to(c64).requires_grad_()
                 (op.A(xg) * y.to(c64).conj()).real.sum().backward()

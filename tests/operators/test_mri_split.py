@@ -63,20 +63,23 @@ def _column_mask(kind: str, h: int, w: int, dtype: torch.dtype, seed: int = 0) -
 def paths(monkeypatch):
     """``paths.mode(m)`` sets ``FEDRECON_MRI_SPLIT``; ``paths.taken()`` returns and clears
     the list of column-mask paths run since: ``"split"`` (torch's split path), ``"columns"``
-    (the CPU's ``A^H`` on the sampled columns), ``"w_only"`` (``A^H A`` along ``W``)."""
+    (the CPU's ``A`` or ``A^H`` on the sampled columns), ``"w_only"`` (``A^H A`` along ``W``)."""
     log: list[str] = []
-    split, columns, normal = (mri._CartesianMRI._split, mri.MultiCoilMRI._adjoint_columns,
-                              mri._CartesianMRI._normal_mask)
+    split, adjoint, forward, normal = (
+        mri._CartesianMRI._split, mri.MultiCoilMRI._adjoint_columns,
+        mri.MultiCoilMRI._forward_columns, mri._CartesianMRI._normal_mask)
 
     def counted_split(self, *args, **kwargs):
         log.append("split")
         return split(self, *args, **kwargs)
 
-    def counted_columns(self, *args, **kwargs):
-        out = columns(self, *args, **kwargs)
-        if out is not None:
-            log.append("columns")
-        return out
+    def counted(fn):
+        def run(self, *args, **kwargs):
+            out = fn(self, *args, **kwargs)
+            if out is not None:
+                log.append("columns")
+            return out
+        return run
 
     def counted_normal(self, *args, **kwargs):
         out = normal(self, *args, **kwargs)
@@ -85,7 +88,8 @@ def paths(monkeypatch):
         return out
 
     monkeypatch.setattr(mri._CartesianMRI, "_split", counted_split)
-    monkeypatch.setattr(mri.MultiCoilMRI, "_adjoint_columns", counted_columns)
+    monkeypatch.setattr(mri.MultiCoilMRI, "_adjoint_columns", counted(adjoint))
+    monkeypatch.setattr(mri.MultiCoilMRI, "_forward_columns", counted(forward))
     monkeypatch.setattr(mri._CartesianMRI, "_normal_mask", counted_normal)
 
     class Paths:
@@ -103,7 +107,8 @@ def paths(monkeypatch):
 
 
 def _columns_path(op, device) -> bool:
-    """Whether ``A^H`` (no graph) takes the CPU's sampled-columns path for this test's masks."""
+    """Whether ``A`` and ``A^H`` (no graph) take the CPU's sampled-columns paths for this
+    test's masks."""
     return (isinstance(op, MultiCoilMRI) and torch.device(device).type == "cpu" and op._fast
             and _cpu_spmm.available())
 
@@ -126,7 +131,8 @@ def _all_paths(op, paths, device, fns, mode):
 def _expected(op, device, mode) -> list[list[str]]:
     """The paths ``A``, ``A^H`` and ``A^H A`` take (no autograd graph) for a column mask."""
     split = ["split"] if mode == "on" else []
-    return [split, ["columns"] if _columns_path(op, device) else split, ["w_only"]]
+    columns = ["columns"] if _columns_path(op, device) else split
+    return [columns, columns, ["w_only"]]
 
 
 def _every_case(test):
