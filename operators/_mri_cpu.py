@@ -21,6 +21,7 @@ also empties the pool.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -50,6 +51,18 @@ _POOL_MIN_BYTES = 4 << 20  # smaller blocks come back from malloc's heap without
 _POOL_LOCK = threading.Lock()
 _POOL: dict[int, list[mmap.mmap]] = {}  # free mappings by size
 _POOL_COUNTS = {"new": 0, "reused": 0}
+
+
+def _reset_pool_in_child() -> None:
+    """In a forked child: a fresh lock (another thread may have held the parent's at the
+    fork) and an empty pool (the child's copies of the free buffers are not needed)."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_in_child)
 
 
 def _give_back(region: mmap.mmap) -> None:

@@ -132,3 +132,28 @@ def test_A_from_two_threads():
         t.join()
     assert len(errors) == 10 and max(errors) < 1e-6
     assert np.isfinite(errors).all()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_forked_child_gets_a_fresh_pool():
+    import os
+    import signal
+
+    a = _mri_cpu.result_buffer(BIG, torch.complex64)
+    del a
+    gc.collect()
+    assert _mri_cpu.pool_stats()["free"] == 1
+    with _mri_cpu._POOL_LOCK:  # held by this thread while forking: the child must not block
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                signal.alarm(20)  # a child blocked on the parent's lock dies, it does not hang
+                torch.set_num_threads(1)  # GNU OpenMP's workers do not survive a fork
+                ok = _mri_cpu.pool_stats()["free"] == 0
+                b = _mri_cpu.result_buffer(BIG, torch.complex64)
+                b.fill_(1)
+                ok = ok and bool((b == 1).all())
+            finally:
+                os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
