@@ -243,6 +243,7 @@ def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> Non
             sp_fwd = timeit(lambda: [o(v) for o, v in zip(ops, xs)], args.repeats, device)
             sp_adj = timeit(lambda: [o.H(v) for o, v in zip(ops, ys)], args.repeats, device)
             sp_nrm = timeit(lambda: [o.N(v) for o, v in zip(ops, xs)], args.repeats, device)
+            _bench_cg_sense(args, op, maps, weights, y, device, rows)
     # the floor: one bare FFT pass over the same coil data (allocating its output, as A does)
     fft_f = timeit(lambda: torch.fft.fft2(y, norm="ortho"), args.repeats, device)
     fft_b = timeit(lambda: torch.fft.ifft2(y, norm="ortho"), args.repeats, device)
@@ -293,6 +294,32 @@ def bench_mri(args: argparse.Namespace, device: torch.device, rows: list) -> Non
         both = split[mode]["A"] + split[mode]["A^H"]
         rows.append((f"SENSE A + A^H, column paths {mode}", both, "bare fft2 + ifft2",
                      fft_f + fft_b))
+
+
+def _bench_cg_sense(args: argparse.Namespace, op, maps: torch.Tensor, weights: np.ndarray,
+                    y: torch.Tensor, device: torch.device, rows: list) -> None:
+    """A whole solver against sigpy's: ``cg_sense`` and ``sigpy.mri.app.SenseRecon`` (CG on
+    ``(A^H A + lam I) x = A^H y``, same weight and iterations; sigpy per sample) and the
+    relative difference of their results."""
+    import sigpy.mri as spm
+    from fedrecon.operators import cg_sense
+
+    lam, iters = 1e-2, 15
+    ys = [y[b].cpu().numpy() for b in range(y.shape[0])]
+
+    def sigpy_recon() -> list:
+        return [spm.app.SenseRecon(v, maps[b].numpy(), lamda=lam, weights=weights,
+                                   max_iter=iters, show_pbar=False).run()
+                for b, v in enumerate(ys)]
+
+    repeats = max(1, args.repeats // 2)
+    ours = timeit(lambda: cg_sense(op, y, lam=lam, n_iter=iters), repeats, device)
+    theirs = timeit(sigpy_recon, repeats, device)
+    a = cg_sense(op, y, lam=lam, n_iter=iters).cpu().numpy()
+    b = np.stack(sigpy_recon())
+    diff = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    rows.append((f"CG-SENSE, {iters} iterations (rel. diff. {diff:.1e})", ours,
+                 "sigpy SenseRecon", theirs))
 
 
 @contextlib.contextmanager
