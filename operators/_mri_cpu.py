@@ -13,9 +13,9 @@ over 32 MiB back to the kernel when they are freed, so every fresh one is page-f
 (B=4, 15 coils, 320^2: writing 49 MB into fresh memory 13 ms, into paged-in memory 3 ms). So
 the sampled-columns ``A`` writes into ``result_buffer``s: huge-page mappings handed out as
 tensors and taken back when the tensor dies (its memory is never shared with a live tensor),
-at most ``POOL_KEEP`` free ones per size and ``POOL_MAX_BYTES`` in all, like the caching
-allocator torch uses on CUDA. ``FEDRECON_CPU_POOL=off`` allocates plainly; ``clear_scratch``
-also empties the pool.
+at most ``POOL_KEEP`` free ones per size and ``POOL_MAX_BYTES`` in all (older sizes dropped
+first), like the caching allocator torch uses on CUDA. ``FEDRECON_CPU_POOL=off`` allocates
+plainly; ``clear_scratch`` also empties the pool.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import mmap
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,10 +47,11 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
 
 POOL_ENV_VAR = "FEDRECON_CPU_POOL"  # "off": plain allocations for the results
 POOL_KEEP = 2  # free result buffers kept per size
-POOL_MAX_BYTES = 1 << 30  # and in all
+POOL_MAX_BYTES = 512 << 20  # and in all (the sizes given back longest ago are dropped first)
 _POOL_MIN_BYTES = 4 << 20  # smaller blocks come back from malloc's heap without page faults
 _POOL_LOCK = threading.Lock()
-_POOL: dict[int, list[mmap.mmap]] = {}  # free mappings by size
+# free mappings by size, the size given back most recently last
+_POOL: OrderedDict[int, list[mmap.mmap]] = OrderedDict()
 _POOL_COUNTS = {"new": 0, "reused": 0}
 
 
@@ -66,13 +68,25 @@ if hasattr(os, "register_at_fork"):
 
 
 def _give_back(region: mmap.mmap) -> None:
-    """A dead result's mapping back into the pool, or dropped (unmapped with its last
-    reference) beyond the pool's bounds."""
+    """A dead result's mapping back into the pool. Beyond the pool's bounds the oldest free
+    mappings are dropped (unmapped with their last reference): first those of the sizes
+    given back longest ago, so a caller that moves on to another shape does not leave the
+    old one's buffers held."""
     with _POOL_LOCK:
-        free = _POOL.setdefault(len(region), [])
+        size = len(region)
+        if size > POOL_MAX_BYTES:
+            return
+        _POOL.setdefault(size, []).append(region)
+        _POOL.move_to_end(size)
+        del _POOL[size][:-POOL_KEEP]
         held = sum(len(r) for rs in _POOL.values() for r in rs)
-        if len(free) < POOL_KEEP and held + len(region) <= POOL_MAX_BYTES:
-            free.append(region)
+        while held > POOL_MAX_BYTES:
+            oldest = next(iter(_POOL))
+            free = _POOL[oldest]
+            if free:
+                held -= len(free.pop(0))
+            if not free:
+                del _POOL[oldest]
 
 
 def result_buffer(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -88,6 +102,8 @@ def result_buffer(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     with _POOL_LOCK:
         free = _POOL.get(nbytes)
         region = free.pop() if free else None
+        if free is not None and not free:
+            del _POOL[nbytes]
         _POOL_COUNTS["reused" if region is not None else "new"] += 1
     if region is None:
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -157,3 +157,26 @@ def test_forked_child_gets_a_fresh_pool():
                 os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_pool_bounds_drop_the_oldest_sizes_first(monkeypatch):
+    mib = 1 << 20
+    monkeypatch.setattr(_mri_cpu, "POOL_MAX_BYTES", 40 * mib)
+    sizes = (8, 12, 16)  # MiB of complex64 each
+    bufs = {m: [_mri_cpu.result_buffer((m * mib // 8,), torch.complex64) for _ in range(3)]
+            for m in sizes}
+    del bufs[8]
+    gc.collect()  # three 8 MiB buffers die: two are kept
+    assert _mri_cpu.pool_stats()["free_bytes"] == 16 * mib
+    del bufs[12]
+    gc.collect()  # + two of 12 MiB = 40 MiB
+    assert _mri_cpu.pool_stats()["free_bytes"] == 40 * mib
+    del bufs[16]
+    gc.collect()  # two of 16 MiB come in; the 8 MiB ones go first, then one of 12 MiB
+    stats = _mri_cpu.pool_stats()
+    assert stats["free_bytes"] == 2 * 16 * mib and stats["free"] == 2
+    # a size above the whole budget is never kept
+    big = _mri_cpu.result_buffer((48 * mib // 8,), torch.complex64)
+    del big
+    gc.collect()
+    assert _mri_cpu.pool_stats()["free_bytes"] == 2 * 16 * mib
