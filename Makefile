@@ -14,7 +14,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=70.1"
+	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=77"
 	if [ "$(TORCH_SPEC)" != "keep" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install --quiet -e ".[test,flower]"
 	# fastMRI's own mask functions: an independent reference for the mask tests only

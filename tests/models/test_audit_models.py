@@ -98,7 +98,7 @@ def test_dc_initial_values_are_what_was_asked(cls, kw: str, value: float) -> Non
     dc = cls(1, **{kw: value})
     got = dc.step(0) if cls is GradientDC else dc.penalty(0)
     assert torch.isfinite(got)
-    assert float(got) == pytest.approx(value, rel=1e-6)
+    assert float(got.detach()) == pytest.approx(value, rel=1e-6)
 
 
 # -- gradients of the whole unrolled network ---------------------------------------------
