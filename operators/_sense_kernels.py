@@ -131,38 +131,30 @@ def _cpu_combine(s, z, out, n_coils, n_pix, width, maps_bstride, check, t0, t1):
             out[ob + u2 * k + u1] = acc[u2 * k + u1] * sign
 
 
-def _cpu_gather(y, cols, wts, out, n_sel, width, rows_per_sample, height, w_bstride,
-                w_pstride, t0, t1):  # pragma: no cover - numba
-    """Rows ``t0 <= r < t1`` of ``y (R, width)`` at the columns ``cols`` into ``out (R, n_sel)``,
-    times ``wts[parity * w_pstride + sample * w_bstride + j]`` (``parity`` of the row within
-    its image, so that a sign alternating along ``H`` needs no multiply; 0 strides: shared)."""
+def _cpu_columns(src, cols, wts, dst, n_sel, width, rows_per_sample, height, w_bstride,
+                 w_pstride, scatter, t0, t1):  # pragma: no cover - numba
+    """Rows ``t0 <= r < t1``, flat arrays. Gather: ``dst[r, j] = src[r, cols[j]] * w`` for
+    ``src (R, width)``, ``dst (R, n_sel)``. Scatter: ``dst (R, width)`` zero but
+    ``dst[r, cols[j]] = src[r, j] * w`` (each row written once, while it is in L1). The weight
+    ``w = wts[parity * w_pstride + sample * w_bstride + j]``: ``parity`` of the row within its
+    image (a sign alternating along ``H`` needs no multiply), ``sample = r //
+    rows_per_sample``; 0 strides: shared."""
     u2 = np.uint64(2)
     ns, wd = np.uint64(n_sel), np.uint64(width)
     rps, ht = np.uint64(rows_per_sample), np.uint64(height)
     wbs, wps = np.uint64(w_bstride), np.uint64(w_pstride)
     for r in range(np.uint64(t0), np.uint64(t1)):
         wb = (r // rps) * wbs + ((r % ht) % u2) * wps
-        yb, ob = r * wd, r * ns
-        for j in range(ns):
-            out[ob + j] = y[yb + np.uint64(cols[j])] * wts[wb + j]
-
-
-def _cpu_scatter(g, cols, wts, out, n_sel, width, rows_per_sample, height, w_bstride,
-                 w_pstride, t0, t1):  # pragma: no cover - numba
-    """Rows ``t0 <= r < t1``: ``out (R, width)`` zero but at the columns ``cols``, which take
-    the row of ``g (R, n_sel)`` times ``wts`` (indexed as in ``_cpu_gather``); each output
-    row is written once, while it is in L1."""
-    u2 = np.uint64(2)
-    ns, wd = np.uint64(n_sel), np.uint64(width)
-    rps, ht = np.uint64(rows_per_sample), np.uint64(height)
-    wbs, wps = np.uint64(w_bstride), np.uint64(w_pstride)
-    for r in range(np.uint64(t0), np.uint64(t1)):
-        wb = (r // rps) * wbs + ((r % ht) % u2) * wps
-        gb, ob = r * ns, r * wd
-        for k in range(wd):
-            out[ob + k] = 0
-        for j in range(ns):
-            out[ob + np.uint64(cols[j])] = g[gb + j] * wts[wb + j]
+        if scatter:
+            sb, db = r * ns, r * wd
+            for k in range(wd):
+                dst[db + k] = 0
+            for j in range(ns):
+                dst[db + np.uint64(cols[j])] = src[sb + j] * wts[wb + j]
+        else:
+            sb, db = r * wd, r * ns
+            for j in range(ns):
+                dst[db + j] = src[sb + np.uint64(cols[j])] * wts[wb + j]
 
 
 def cpu_ready(*ts: Tensor) -> bool:
@@ -240,7 +232,7 @@ def cpu_combine(maps: Tensor, z: Tensor, check: bool) -> Tensor | None:
 
 def _column_args(weights: Tensor | None, n: int, rows_per_sample: int, height: int,
                  dtype: torch.dtype) -> tuple:
-    """The weight arguments of ``_cpu_gather`` / ``_cpu_scatter``: the flat weights (ones when
+    """The weight arguments of ``_cpu_columns``: the flat weights (ones when
     None), ``rows_per_sample``, ``height`` and the sample and parity strides."""
     if weights is None:
         weights = torch.ones(1, 1, n, dtype=dtype)
@@ -262,8 +254,8 @@ def cpu_gather_columns(y: Tensor, cols: np.ndarray, weights: Tensor | None, out:
         return None
     n = len(cols)
     w, *rest = _column_args(weights, n, rows_per_sample, y.shape[-2], y.dtype)
-    _cpu_run("gather", _cpu_gather, (y.numpy().reshape(-1), cols, w, out.reshape(-1), n,
-                                     y.shape[-1], *rest), y.numel() // y.shape[-1])
+    _cpu_run("columns", _cpu_columns, (y.numpy().reshape(-1), cols, w, out.reshape(-1), n,
+                                       y.shape[-1], *rest, False), y.numel() // y.shape[-1])
     return out
 
 
@@ -278,8 +270,8 @@ def cpu_scatter_columns(g: np.ndarray, cols: np.ndarray, out: Tensor,
         return None
     n = len(cols)
     w, *rest = _column_args(weights, n, rows_per_sample, out.shape[-2], out.dtype)
-    _cpu_run("scatter", _cpu_scatter, (g.reshape(-1), cols, w, out.numpy().reshape(-1), n,
-                                       out.shape[-1], *rest), out.numel() // out.shape[-1])
+    _cpu_run("columns", _cpu_columns, (g.reshape(-1), cols, w, out.numpy().reshape(-1), n,
+                                       out.shape[-1], *rest, True), out.numel() // out.shape[-1])
     return out
 
 
