@@ -50,9 +50,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_BYTES", "ENV_VAR", "MIN_NNZ", "available", "chunked", "compile_slp", "matmul",
-           "pack16", "product", "release_workspace", "run_parallel", "run_split", "switched_off",
-           "unpack_split16", "unpack_sum16", "use_kernel", "workspace"]
+__all__ = ["CHUNK_BYTES", "ENV_VAR", "MIN_NNZ", "available", "chunked", "compile_slp",
+           "huge_mapping", "matmul", "pack16", "product", "release_workspace", "run_parallel",
+           "run_split", "switched_off", "unpack_split16", "unpack_sum16", "use_kernel",
+           "workspace"]
 
 LANES = 8
 CHUNK_BYTES = 3 << 17  # 384 KiB of gathered dense rows per column chunk (L2 is 512 KiB here)
@@ -389,16 +390,24 @@ def _mapped(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     README) a buffer from the heap lost them, and scipy's in-place FFT along ``H`` of the
     SENSE scratch buffer slowed down (A^H 38 -> 52-55 ms)."""
     count = int(np.prod(shape, dtype=np.int64))
-    nbytes = count * dtype.itemsize
-    if nbytes < _HUGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+    region = huge_mapping(count * dtype.itemsize) if count * dtype.itemsize >= _HUGE_BYTES else None
+    if region is None:
         return np.empty(shape, dtype=dtype)
+    return np.frombuffer(region, dtype=dtype, count=count).reshape(shape)
+
+
+def huge_mapping(nbytes: int) -> mmap.mmap | None:
+    """A private anonymous mapping of ``nbytes`` with ``MADV_HUGEPAGE`` (a forked child gets
+    its own copy on write, as with ``np.empty``), or None where the system offers no
+    transparent huge pages."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
     try:
-        # private (a forked child gets its own copy on write, as with np.empty)
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         region.madvise(mmap.MADV_HUGEPAGE)
     except (OSError, ValueError):  # no huge pages here: the plain allocation
-        return np.empty(shape, dtype=dtype)
-    return np.frombuffer(region, dtype=dtype, count=count).reshape(shape)
+        return None
+    return region
 
 
 def release_workspace(name: str) -> None:

@@ -106,12 +106,9 @@ def result_buffer(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
             del _POOL[nbytes]
         _POOL_COUNTS["reused" if region is not None else "new"] += 1
     if region is None:
-        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                region.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:  # no transparent huge pages here
-                pass
+        region = _cpu_spmm.huge_mapping(nbytes)
+        if region is None:  # no huge-page mappings here: a plain result
+            return torch.empty(tuple(shape), dtype=dtype)
     arr = np.frombuffer(region, dtype=dt, count=count).reshape(tuple(shape))
     # the tensor holds ``arr`` (torch.from_numpy): it dies with the last tensor on its memory
     weakref.finalize(arr, _give_back, region).atexit = False
