@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,7 @@ from torch import Tensor
 from fedrecon.federated import SiteInstructions, SiteUpdate, StateDict
 from fedrecon.federated.store import LocalStore
 
-from .wire import EncodedTensor, Message, decode, dense, encode, torch_dtype
+from .wire import ENCODINGS, EncodedTensor, Message, decode, dense, encode, torch_dtype
 
 __all__ = [
     "COMPRESSION_METHODS",
@@ -104,19 +106,38 @@ def _int8(values: Tensor) -> tuple[np.ndarray, float]:
     return q.numpy(), scale
 
 
+def _topk_count(fraction: float, numel: int) -> int:
+    """``ceil(fraction * numel)``, at least 1 (0 for an empty tensor), with ``fraction`` taken
+    as the decimal it was written as: 0.07 of 100 entries is 7, where the float product
+    ``0.07 * 100 = 7.000000000000001`` would round up to 8."""
+    if numel == 0:
+        return 0
+    return max(1, math.ceil(Fraction(repr(float(fraction))) * numel))
+
+
 def compress_tensor(t: Tensor, method: str, fraction: float) -> EncodedTensor:
-    """``t`` (a delta) encoded with ``method``; integer tensors always go dense."""
+    """``t`` (a delta) encoded with ``method``; integer tensors always go dense, and so does a
+    tensor with a non-finite entry (or one beyond float32's range), so that the server's
+    finiteness checks see what the site computed instead of a quantized zero."""
+    if method not in COMPRESSION_METHODS:
+        raise ValueError(f"argument 'method' must be one of {list(COMPRESSION_METHODS)}; "
+                         f"got {method!r}")
+    if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
+            or not math.isfinite(fraction) or not 0 < fraction <= 1):
+        raise ValueError(f"argument 'fraction' must be a number in (0, 1]; got {fraction!r}")
     t = t.detach().cpu()
     if method == "none" or not t.is_floating_point():
         return dense(t)
     flat = t.reshape(-1).float()
+    if not bool(torch.isfinite(flat).all()):
+        return dense(t)
     dtype = str(t.dtype).removeprefix("torch.")
     if method == "int8":
         q, scale = _int8(flat)
         return EncodedTensor("int8", tuple(t.shape), dtype, [q], scale)
-    k = max(1, math.ceil(fraction * flat.numel())) if flat.numel() else 0
+    k = _topk_count(fraction, flat.numel())
     if k >= flat.numel() and method == "topk":
-        return EncodedTensor("dense", tuple(t.shape), dtype, [flat.numpy()])
+        return dense(t)  # every entry: exact, in the tensor's own dtype
     idx = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
     vals = flat[idx]
     if method == "topk":
@@ -125,18 +146,46 @@ def compress_tensor(t: Tensor, method: str, fraction: float) -> EncodedTensor:
     return EncodedTensor("topk_int8", tuple(t.shape), dtype, [idx.int().numpy(), q], scale)
 
 
+def _check_encoded(e: EncodedTensor) -> int:
+    """The number of entries of ``e``, after checking that its parts fit its shape (a
+    malformed message is refused instead of decoded into wrong values)."""
+    if e.encoding not in ENCODINGS:
+        raise ValueError(f"encoded tensor: unknown encoding {e.encoding!r}; expected one of "
+                         f"{list(ENCODINGS)}")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in e.shape):
+        raise ValueError(f"encoded tensor: shape {e.shape} must hold integers >= 0")
+    numel = math.prod(e.shape)
+    sizes = [int(p.size) for p in e.parts]
+    sparse = e.encoding in ("topk", "topk_int8")
+    if sparse:
+        ok = (len(sizes) == 2 and sizes[0] == sizes[1] <= numel
+              and np.issubdtype(e.parts[0].dtype, np.integer)
+              and (sizes[0] == 0 or (int(e.parts[0].min()) >= 0 and int(e.parts[0].max()) < numel)))
+    else:
+        ok = sizes == [numel]
+    if not ok:
+        raise ValueError(f"encoded tensor: {e.encoding} parts of sizes {sizes} do not fit shape "
+                         f"{e.shape} ({numel} entries"
+                         f"{'; indices must be integers in [0, numel)' if sparse else ''})")
+    if e.encoding in ("int8", "topk_int8") and (
+            isinstance(e.scale, bool) or not isinstance(e.scale, (int, float))
+            or not math.isfinite(e.scale) or e.scale < 0):
+        raise ValueError(f"encoded tensor: {e.encoding} needs a finite scale >= 0; got {e.scale!r}")
+    return numel
+
+
 def decompress_tensor(e: EncodedTensor) -> Tensor:
     dtype = torch_dtype(e.dtype)
-    numel = math.prod(e.shape)
+    numel = _check_encoded(e)
     if e.encoding == "dense":
         return torch.from_numpy(e.parts[0].copy()).to(dtype).reshape(e.shape)
     if e.encoding == "int8":
-        return (torch.from_numpy(e.parts[0].astype(np.float32)) * (e.scale or 0.0)).to(dtype).reshape(e.shape)
+        return (torch.from_numpy(e.parts[0].astype(np.float32)) * e.scale).to(dtype).reshape(e.shape)
     out = torch.zeros(numel, dtype=torch.float32)
     idx = torch.from_numpy(e.parts[0].astype(np.int64))
     vals = torch.from_numpy(e.parts[1].astype(np.float32))
     if e.encoding == "topk_int8":
-        vals = vals * (e.scale or 0.0)
+        vals = vals * e.scale
     out[idx] = vals
     return out.to(dtype).reshape(e.shape)
 
@@ -194,7 +243,10 @@ class UpdateCompressor:
             enc = compress_tensor(value, cfg.method, cfg.fraction)
             tensors[name] = enc
             if feedback and value.is_floating_point():
-                new_residual[name] = (value - decompress_tensor(enc).to(value.dtype)).cpu()
+                if enc.encoding == "dense":  # sent exactly (non-finite entries too): nothing left
+                    new_residual[name] = torch.zeros_like(value, device="cpu")
+                else:
+                    new_residual[name] = (value - decompress_tensor(enc).to(value.dtype)).cpu()
         if feedback:
             private[RESIDUAL_KEY] = new_residual
             store.put(update.site_id, private)  # type: ignore[union-attr]

@@ -95,7 +95,9 @@ class LoRALayer(FrozenLayer):
         super().__init__(layer)
         shape = self.weight.shape
         self.scale = float(scale)
-        self.lora = LowRank(shape[0], math.prod(shape[1:]), rank)
+        # on the frozen weight's device and in its (floating) dtype, as a trainable part of it
+        self.lora = LowRank(shape[0], math.prod(shape[1:]), rank).to(
+            self.weight.device, self.weight.dtype if self.weight.is_floating_point() else None)
 
     def merged_weight(self) -> Tensor:
         """``W + scale * up @ down`` in the weight's shape."""
@@ -111,7 +113,9 @@ class LoRALayer(FrozenLayer):
         """A plain layer (a copy of the template) with the merged weight: for export/inference."""
         import copy
 
-        plain = copy.deepcopy(self._template)
+        # the template stays where the layer was wrapped: move the copy to the wrapper's
+        # device and dtype (after ``.to(...)``/``.double()`` of the model)
+        plain = copy.deepcopy(self._template).to(self.weight.device, self.weight.dtype)
         with torch.no_grad():
             for name, t in self.frozen_tensors().items():
                 getattr(plain, name).copy_(t)

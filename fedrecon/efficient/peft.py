@@ -30,6 +30,21 @@ def _is_prior(module: nn.Module) -> bool:
     return getattr(type(module), "role", None) == Role.PRIOR
 
 
+def _find_priors(module: nn.Module, seen: set[int] | None = None) -> list[nn.Module]:
+    """The outermost modules of role ``PRIOR``, as :func:`~fedrecon.models.parameter_roles`
+    sees them: a sealed subtree (a coil-sensitivity estimator's U-Net) keeps its own role and
+    is not a prior, however its modules are declared."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return []
+    seen.add(id(module))
+    if _is_prior(module):
+        return [module]
+    if getattr(type(module), "role", None) is not None and getattr(type(module), "role_sealed", False):
+        return []
+    return [p for child in module.children() for p in _find_priors(child, seen)]
+
+
 def _has_tensors(module: nn.Module) -> bool:
     return bool(module._parameters) or bool(module._buffers)
 
@@ -77,7 +92,7 @@ def apply_peft(model: nn.Module, method: str, *, rank: int = 4, scale: float = 1
     """
     if method not in PEFT_METHODS:
         raise ValueError(f"argument 'method' must be one of {PEFT_METHODS}; got {method!r}")
-    priors = [m for m in model.modules() if _is_prior(m)]
+    priors = _find_priors(model)
     if not priors:
         raise ValueError(f"apply_peft: {type(model).__name__} has no module of role 'prior'")
     for prior in priors:
