@@ -87,7 +87,7 @@ from .flower_messages import (
     arrays_to_state,
     state_to_arrays,
 )
-from .flower_server import FlowerServer
+from .flower_server import FlowerServer, write_status
 from .site_config import build_site, load_site_config
 
 __all__ = [
@@ -108,7 +108,29 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    FlowerServer(grid, FlowerRunConfig.from_run_config(context.run_config), context).run()
+    try:
+        server = FlowerServer(grid, FlowerRunConfig.from_run_config(context.run_config),
+                              context)
+    except BaseException as err:  # before run() writes status.json: write it here, so that
+        _failed_status(context.run_config.get("run-dir"), err)  # flower-run --wait ends
+        raise
+    server.run()
+
+
+def _failed_status(run_dir: Any, err: BaseException) -> None:
+    """``status.json`` of a run that failed before its server started (a bad run config)."""
+    if not isinstance(run_dir, str) or not run_dir:
+        return
+    try:
+        path = Path(run_dir) / "status.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a resume refused: the rounds of the run before stand
+            done = int(json.loads(path.read_text(encoding="utf-8"))["completed_rounds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            done = 0
+        write_status(run_dir, "failed", done, error=f"{type(err).__name__}: {err}")
+    except OSError:
+        log.exception("could not write %s/status.json", run_dir)
 
 
 # -- client ----------------------------------------------------------------------------------
@@ -195,8 +217,16 @@ class _NodeSite:
         and of the state it saved (:func:`state_summary`)."""
         store = self.site.store
         sid = self.site.site_id
+        current = DiskStore.get(store, sid)
+        if (run_key and current is not None and current.get("run_key") == run_key
+                and current.get("round") is not None
+                and int(instructions.round) < int(current["round"])):
+            # a stale message (delivered late, or out of order): the LOCAL state has moved on
+            raise ValueError(f"site '{sid}': train message of round {instructions.round} of "
+                             f"run {run_key}, after this site trained round "
+                             f"{current['round']} of it")
         store.fit_key = (run_key, int(instructions.round)) if run_key else None
-        repeat = store.repeats(DiskStore.get(store, sid))
+        repeat = store.repeats(current)
         loaded = state_summary(store.get(sid))
         try:
             self.restore_loader_rng()
@@ -314,6 +344,9 @@ def _train(msg: Message, context: Context) -> Message:
 def _evaluate(msg: Message, context: Context) -> Message:
     node = _NodeSite(context)
     cfg = msg.content["eval"]
+    if cfg["site-id"] != node.site.site_id:  # else its metrics would be recorded as another's
+        raise ValueError(f"evaluation for site '{cfg['site-id']}' reached site "
+                         f"'{node.site.site_id}'")
     seed_everything(site_seed(int(cfg["seed"]), f"eval/{node.site.site_id}", int(cfg["round"])))
     t0 = time.perf_counter()
     m = node.site.evaluate(arrays_to_state(msg.content["global"]), split=str(cfg["split"]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -314,28 +315,60 @@ def _parse_override(text: str) -> tuple[str, Any]:
     import tomllib
 
     key, sep, value = text.partition("=")
-    if not sep:
+    key = key.strip()
+    if not sep or not key:
         raise argparse.ArgumentTypeError(f"run config override {text!r}: expected KEY=VALUE")
     try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
+        doc = tomllib.loads(f"v = {value}")
     except tomllib.TOMLDecodeError:
-        parsed = value  # a bare string
-    return key.strip(), parsed
+        doc = {"v": value}  # a bare string
+    parsed = doc["v"]
+    # a run config value is a bool, number or string (flwr); one value, not a TOML document
+    if len(doc) != 1 or not isinstance(parsed, (bool, int, float, str)):
+        raise argparse.ArgumentTypeError(
+            f"run config override {text!r}: the value of '{key}' must be a bool, a number "
+            f"or a string; got {type(parsed).__name__}")
+    return key, parsed
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535; got {text!r}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0; got "
+                                         f"{text!r}")
+    return value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     home = Path(args.flwr_home or os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
     write_connection(home, args.superlink, root_certificates=args.root_certificates)
     overrides = dict(args.run_config or [])
+    run_dir = overrides.get("run-dir")
+    if args.wait and not (isinstance(run_dir, str) and run_dir):  # before the run starts
+        print("--wait needs --run-config run-dir=... (a folder of this machine)", file=sys.stderr)
+        return 2
     started = time.time()
     rc = _exec(run_command(overrides), flower_env(home))
     if rc != 0 or not args.wait:
         return rc
-    run_dir = overrides.get("run-dir")
-    if run_dir is None:
-        print("--wait needs --run-config run-dir=... (a folder of this machine)", file=sys.stderr)
-        return 2
-    status = wait_for_status(run_dir, args.timeout, since=started)
+    try:
+        status = wait_for_status(run_dir, args.timeout, since=started)
+    except TimeoutError as err:
+        print(f"fedrecon flower-run: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(status))
     return 0 if status["state"] == "finished" else 1
 
@@ -350,7 +383,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``flower-server``, ``flower-site``, ``flower-register`` and ``flower-run``."""
     p = subparsers.add_parser("flower-server", help="start the Flower SuperLink (coordinator)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=9093)
+    p.add_argument("--port", type=_port, default=9093)
     _tls_args(p, server=True)
     p.add_argument("--enable-supernode-auth", action="store_true",
                    help="accept only SuperNodes registered with flower-register")
@@ -365,8 +398,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _tls_args(p, server=False)
     p.add_argument("--auth-key", default=None,
                    help="the node's private key (SuperNode authentication)")
-    p.add_argument("--port", type=int, default=9094, help="the node's local Runtime API port")
-    p.add_argument("--activation-wait", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--port", type=_port, default=9094, help="the node's local Runtime API port")
+    p.add_argument("--activation-wait", type=_seconds, default=120.0, metavar="SECONDS",
                    help="after a restart, keep starting the SuperNode while the SuperLink "
                         "still counts the killed one as online (default 120 s)")
     p.add_argument("--flwr-home", default=None)
@@ -386,7 +419,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-config", "-c", action="append", type=_parse_override,
                    metavar="KEY=VALUE", help="override a key of the app's run config")
     p.add_argument("--wait", action="store_true", help="wait until the run finishes")
-    p.add_argument("--timeout", type=float, default=24 * 3600.0)
+    p.add_argument("--timeout", type=_seconds, default=24 * 3600.0)
     p.add_argument("--flwr-home", default=None)
     p.set_defaults(func=_cmd_run)
 
@@ -398,7 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    from fedrecon.datasets.config import ConfigError
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileExistsError, FileNotFoundError) as err:  # as fedrecon's CLI
+        print(f"fedrecon {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

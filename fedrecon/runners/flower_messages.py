@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,13 +95,22 @@ class FlowerRunConfig:
         if self.modality not in ("ct", "mri"):
             raise ValueError(f"run config: 'modality' must be 'ct' or 'mri'; got "
                              f"{self.modality!r}")
-        if self.num_server_rounds < 0 or self.min_sites < 1 or self.eval_every < 1:
-            raise ValueError("run config: need num-server-rounds >= 0, min-sites >= 1, "
-                             "eval-every >= 1")
+        for key, value, low in (("num-server-rounds", self.num_server_rounds, 0),
+                                ("min-sites", self.min_sites, 1),
+                                ("expected-sites", self.expected_sites, 0),
+                                ("eval-every", self.eval_every, 1)):
+            if value < low:
+                raise ValueError(f"run config: '{key}' must be >= {low}; got {value}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"run config: 'fraction' must lie in (0, 1]; got {self.fraction}")
-        if self.round_timeout <= 0 or self.connect_timeout <= 0:
-            raise ValueError("run config: 'round-timeout' and 'connect-timeout' must be > 0")
+        if self.eval_split not in ("train", "val", "test"):
+            raise ValueError(f"run config: 'eval-split' must be 'train', 'val' or 'test'; got "
+                             f"{self.eval_split!r}")
+        for key, value in (("round-timeout", self.round_timeout),
+                           ("connect-timeout", self.connect_timeout)):
+            if not (value > 0 and math.isfinite(value)):  # nan: no wait at all; inf: no ttl
+                raise ValueError(f"run config: '{key}' must be a finite number of seconds > 0; "
+                                 f"got {value}")
 
     def build_strategy(self) -> Strategy:
         return make_strategy(self.strategy_name, **self.strategy_kwargs)
@@ -117,15 +127,34 @@ def state_to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: _array(v) for k, v in state.items()})
 
 
+_BFLOAT16 = "bfloat16"  # numpy has no bfloat16: its bits travel as uint16 under this dtype
+
+
 def _array(t: torch.Tensor) -> Any:
+    import io
+
     from flwr.app import Array
 
-    return Array(t.detach().to("cpu").contiguous().numpy())
+    # resolve_conj/resolve_neg: a conjugate or negative view has no numpy() of its own
+    t = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+    if t.dtype != torch.bfloat16:
+        return Array(t.numpy())
+    buf = io.BytesIO()
+    np.save(buf, t.view(torch.int16).numpy().view(np.uint16), allow_pickle=False)
+    return Array(dtype=_BFLOAT16, shape=tuple(t.shape), stype="numpy.ndarray",
+                 data=buf.getvalue())
+
+
+def _tensor(a: Any) -> torch.Tensor:
+    data = np.array(a.numpy(), copy=True)
+    if a.dtype == _BFLOAT16:
+        return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(data)
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ``ArrayRecord`` back to name-keyed tensors (writable copies)."""
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+    return {k: _tensor(v) for k, v in record.items()}
 
 
 def _plan_to_config(round: int, site_id: str, plan: TrainingPlan,

@@ -26,7 +26,7 @@ from fedrecon.federated import (
     check_update,
     state_nbytes,
 )
-from fedrecon.federated.store import atomic_torch_save
+from fedrecon.federated.store import atomic_torch_save, atomic_write_text
 from fedrecon.models import Scope
 
 from .flower_messages import (
@@ -89,6 +89,8 @@ class FlowerServer:
         self._asked: set[int] = set()
         # open describe questions: message id -> (node, when asked)
         self._describing: dict[str, tuple[int, float]] = {}
+        self._failures: dict[int, str] = {}  # node -> why it gave no reply (last exchange)
+        self._describe_errors: dict[int, str] = {}  # node -> error of its describe reply
         self._rng = np.random.default_rng(config.seed)
         self.run_key = secrets.token_hex(8)  # this run's name for the sites; kept on resume
         self.completed_rounds = 0
@@ -141,7 +143,10 @@ class FlowerServer:
             if self._describing:
                 for reply in self.grid.pull_messages(list(self._describing)):
                     n, _ = self._describing.pop(reply.metadata.reply_to_message_id, (None, 0.0))
-                    if n is not None and not reply.has_error():
+                    if n is not None and reply.has_error():
+                        log.warning("node %d could not describe its site: %s", n, reply.error)
+                        self._describe_errors[n] = reply.error.reason
+                    elif n is not None:
                         self._audit(reply, n, "from_site")
                         self._add_site(n, reply.content["site"])
             now = time.monotonic()
@@ -168,9 +173,11 @@ class FlowerServer:
         want = max(self.config.expected_sites, self.config.min_sites)
         self._discover(want, self.config.connect_timeout)
         if len(self.sites) < self.config.min_sites:
+            errors = "".join(f"; node {n} answered with an error: {e}"
+                             for n, e in sorted(self._describe_errors.items()))
             raise RoundFailed(f"only {len(self.sites)} site(s) connected within "
                               f"{self.config.connect_timeout} s; min-sites is "
-                              f"{self.config.min_sites}")
+                              f"{self.config.min_sites}{errors}")
         site_ids = sorted(self.sites)
         protocols = {s: torch.tensor(self.sites[s].protocol) for s in site_ids
                      if self.sites[s].protocol}
@@ -218,6 +225,7 @@ class FlowerServer:
 
     def _run_round(self, r: int) -> None:
         t_round = time.perf_counter()
+        self._failures = {}
         self._discover(0, 0.0, settle=True)  # SuperNodes that joined or restarted
         sampled = self._sample()
         instructions = self.strategy.configure(r, sampled)
@@ -239,8 +247,8 @@ class FlowerServer:
         if len(answered) < self.config.min_sites:
             raise RoundFailed(f"round {r}: {len(answered)} of {len(sampled)} sampled sites "
                               f"answered (< min-sites={self.config.min_sites}; missing: "
-                              f"{missing}); the checkpoint of round {r - 1} in {self.run_dir} "
-                              f"is intact: resume with 'resume = true'")
+                              f"{self._why(missing)}); the checkpoint of round {r - 1} in "
+                              f"{self.run_dir} is intact: resume with 'resume = true'")
         state = self.strategy.aggregate(r, updates, missing=missing)
         if (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.num_server_rounds:
             for sid, m in self._evaluate(r, state).items():
@@ -251,6 +259,15 @@ class FlowerServer:
         log.info("round %d/%d: %d/%d sites answered (missing %s) in %.1f s", r + 1,
                  self.config.num_server_rounds, len(answered), len(sampled), missing,
                  time.perf_counter() - t_round)
+
+    def _why(self, missing: list[str]) -> str:
+        """The missing sites, each with why it gave no reply, as far as the server knows."""
+        def why(sid: str) -> str:
+            if sid not in self.sites:
+                return "not connected"
+            return self._failures.get(self.sites[sid].node_id, "no answer")
+
+        return ", ".join(f"{sid} ({why(sid)})" for sid in missing) or "none"
 
     def _train(self, r: int, instructions: Mapping[str, Any]
                ) -> tuple[list[SiteUpdate], dict[str, dict[str, Any]]]:
@@ -277,6 +294,10 @@ class FlowerServer:
                 raise ValueError(f"round {r}: node {node.node_id} ('{sid}') answered for site "
                                  f"'{update.site_id}', round {update.round}")
             check_update(update, self.global_names, self.global_shapes)
+            for name, t in update.tensors.items():  # the aggregate takes the first's dtype
+                if t.dtype != self._initial[name].dtype:
+                    raise ValueError(f"round {r}: update from site '{sid}': '{name}' has dtype "
+                                     f"{t.dtype}, expected {self._initial[name].dtype}")
             updates.append(update)
             answered[sid] = {"num_examples": update.num_examples,
                              "loss": update.metrics.get("loss"), "bytes_sent": update.nbytes,
@@ -380,12 +401,14 @@ class FlowerServer:
         for n in sorted(set(msgs) - online):
             log.warning("%s: node %d is offline; not waiting for it", what, n)
         nodes = [n for n in msgs if n in online]
+        self._failures = {n: "offline" for n in msgs if n not in online}
         if not nodes:
             return {}
         for n in nodes:
             self._audit(msgs[n], n, "to_site")
         ids = list(self.grid.push_messages([msgs[n] for n in nodes]))
         pending = {mid: n for mid, n in zip(ids, nodes) if mid}
+        self._failures.update({n: "not delivered" for mid, n in zip(ids, nodes) if not mid})
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + timeout
         next_check = time.monotonic() + _LIVENESS_S
@@ -396,6 +419,7 @@ class FlowerServer:
                     continue
                 if reply.has_error():
                     log.warning("%s: node %d answered with an error: %s", what, n, reply.error)
+                    self._failures[n] = f"error: {reply.error.reason}"
                     continue
                 self._audit(reply, n, "from_site")
                 replies[n] = reply
@@ -404,6 +428,7 @@ class FlowerServer:
                 for mid, n in list(pending.items()):
                     if n not in online:
                         log.warning("%s: node %d went offline", what, n)
+                        self._failures[n] = "went offline"
                         del pending[mid]
                 next_check = time.monotonic() + _LIVENESS_S
             if pending:
@@ -411,6 +436,8 @@ class FlowerServer:
         if pending:
             log.warning("%s: no answer from node(s) %s within %.0f s", what,
                         sorted(pending.values()), timeout)
+        for n in pending.values():
+            self._failures[n] = f"no answer within {timeout:g} s"
         return replies
 
     def _audit(self, msg: Message, node_id: int, direction: str) -> None:
@@ -436,11 +463,15 @@ class FlowerServer:
         self.completed_rounds = completed
 
     def _status(self, state: str, **extra: Any) -> None:
-        path = self.run_dir / "status.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"state": state, "completed_rounds": self.completed_rounds,
-                                   "time": time.time(), **extra}) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_status(self.run_dir, state, self.completed_rounds, **extra)
+
+
+def write_status(run_dir: str | os.PathLike, state: str, completed_rounds: int,
+                 **extra: Any) -> None:
+    """``run_dir/status.json`` (atomic): the state, the completed rounds and the time."""
+    atomic_write_text(Path(run_dir) / "status.json",
+                      json.dumps({"state": state, "completed_rounds": completed_rounds,
+                                  "time": time.time(), **extra}) + "\n")
 
 
 class _AuditedGrid:
