@@ -147,7 +147,7 @@ def invert_update(model: nn.Module, observed: Mapping[str, Tensor], prep: Prepar
     for _ in range(attack.restarts):
         z = (0.5 * torch.randn(shape, generator=gen) - 1.5).requires_grad_(True)
         opt = torch.optim.Adam([z], lr=attack.lr)
-        match = -math.inf
+        match, last = -math.inf, None
         for _ in range(attack.iterations):
             opt.zero_grad(set_to_none=True)
             x = value_range * torch.sigmoid(z)
@@ -156,10 +156,11 @@ def invert_update(model: nn.Module, observed: Mapping[str, Tensor], prep: Prepar
             cos = nn.functional.cosine_similarity(sim, target_vec, dim=0)
             loss = 1 - cos + attack.tv_weight * _tv(x) / value_range
             loss.backward()
+            # the image whose match was just measured (opt.step() moves z past it)
+            match, last = float(cos.detach()), x.detach()
             opt.step()
-            match = float(cos.detach())
         if match > best_match:
-            best, best_match = (value_range * torch.sigmoid(z)).detach(), match
+            best, best_match = last, match
     assert best is not None
     return best, best_match
 
@@ -185,11 +186,13 @@ def audit_leakage(model: nn.Module, batch: Any, *, local_steps: Sequence[int] = 
     prep = prepare_batch(batch, "cpu", op_factory)
     if prep.target is None:
         raise ValueError("audit_leakage: argument 'batch' has no target images")
+    if not lr > 0:
+        raise ValueError(f"argument 'lr' must be > 0 (the site's SGD step); got {lr}")
     if not local_steps or min(local_steps) < 1:
         raise ValueError(f"argument 'local_steps' must hold counts >= 1; got {list(local_steps)}")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"argument 'clip_norm' must be > 0; got {clip_norm}")
-    if any(z < 0 for z in noise_multipliers):
+    if any(not z >= 0 for z in noise_multipliers):
         raise ValueError(f"argument 'noise_multipliers' must be >= 0; got {list(noise_multipliers)}")
     others = [prepare_batch(b, "cpu", op_factory) for b in other_batches]
     target = prep.target
@@ -276,6 +279,17 @@ def run_audit_command(args: argparse.Namespace) -> int:
     for name in ("size", "views", "iterations", "chans", "n_iter"):
         if getattr(args, name) < 1:
             raise SystemExit(f"audit: argument '--{name.replace('_', '-')}' must be >= 1")
+    if args.size < 7:
+        raise SystemExit(f"audit: argument '--size' must be >= 7 (SSIM's 7x7 window); got {args.size}")
+    if min(args.local_steps) < 1:
+        raise SystemExit(f"audit: argument '--local-steps' must be >= 1; got {args.local_steps}")
+    if not args.lr > 0:
+        raise SystemExit(f"audit: argument '--lr' must be > 0; got {args.lr}")
+    if any(not z >= 0 for z in args.noise_multipliers):
+        raise SystemExit(f"audit: argument '--noise-multipliers' must be >= 0; got "
+                         f"{args.noise_multipliers}")
+    if args.clip_norm is not None and not args.clip_norm > 0:
+        raise SystemExit(f"audit: argument '--clip-norm' must be > 0; got {args.clip_norm}")
     torch.manual_seed(args.seed)
     model = build_model(ModelConfig(n_iter=args.n_iter, chans=args.chans, num_pools=1),
                         complex_images=False)

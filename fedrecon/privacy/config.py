@@ -11,6 +11,9 @@ which kind it is with its class attribute ``Strategy.needs_individual_updates``.
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +28,32 @@ __all__ = ["PrivacyConfig", "PrivacyConfigError", "check_privacy_compatibility",
            "sum_compatible_strategies"]
 
 _SECTIONS = ("secure_aggregation", "dp", "validation")
+
+
+def _check_types(table: Mapping[str, Any], cls: type, where: str) -> None:
+    """Refuse a value of the wrong type (a TOML string "false" is truthy, ``true`` would
+    pass as the number 1) or a non-finite number, naming the key and what was expected."""
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        if key not in hints:
+            continue  # unknown keys: refused by name by the section's from_dict
+        hint = hints[key]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool):
+            ok = bool in allowed
+        elif isinstance(value, int):
+            ok = int in allowed or float in allowed
+        elif isinstance(value, float):
+            ok = float in allowed and math.isfinite(value)
+        else:
+            ok = isinstance(value, tuple(t for t in allowed if t is not type(None)))
+        if not ok:
+            expected = " or ".join("a finite number" if t is float else
+                                   {int: "an integer", bool: "true/false", str: "a string"}.get(
+                                       t, t.__name__) for t in allowed if t is not type(None))
+            raise PrivacyConfigError(f"{where}.{key}: expected {expected}; got {value!r}")
 
 
 class PrivacyConfigError(ValueError):
@@ -76,21 +105,31 @@ class PrivacyConfig:
             if not isinstance(value, Mapping):
                 raise PrivacyConfigError(f"{where}.{key}: expected a table, got {type(value).__name__}")
         try:
+            section = f"{where}.secure_aggregation"
             sa = data.get("secure_aggregation")
             if sa is not None:
                 valid = ("threshold", "frac_bits", "clip_range")
                 bad = sorted(set(sa) - set(valid))
                 if bad:
-                    raise PrivacyConfigError(f"{where}.secure_aggregation: unknown key(s) {bad} "
+                    raise PrivacyConfigError(f"{section}: unknown key(s) {bad} "
                                              f"(valid: {', '.join(valid)})")
+                _check_types(sa, SecAggConfig, section)
                 sa = SecAggConfig(**sa)
-            dp = DPConfig.from_dict(data["dp"], f"{where}.dp") if "dp" in data else None
-            val = (ValidationConfig.from_dict(data["validation"], f"{where}.validation")
-                   if "validation" in data else None)
+            section = f"{where}.dp"
+            dp = None
+            if "dp" in data:
+                _check_types(data["dp"], DPConfig, section)
+                dp = DPConfig.from_dict(data["dp"], section)
+            section = f"{where}.validation"
+            val = None
+            if "validation" in data:
+                _check_types(data["validation"], ValidationConfig, section)
+                val = ValidationConfig.from_dict(data["validation"], section)
         except PrivacyConfigError:
             raise
         except (TypeError, ValueError) as err:
-            raise PrivacyConfigError(f"{where}: {err}") from None
+            msg = str(err)  # the sections' own messages may already name where they are
+            raise PrivacyConfigError(msg if msg.startswith(section) else f"{section}: {msg}") from None
         return cls(sa, dp, val)
 
 
