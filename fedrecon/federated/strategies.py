@@ -11,7 +11,6 @@ decides which tensors a site sends.
 from __future__ import annotations
 
 import dataclasses
-
 import difflib
 import inspect
 from collections.abc import Iterable
@@ -22,7 +21,7 @@ from fedrecon.models import Partition, Role
 from .messages import TrainingPlan
 from .strategies_adaptive import FedAdam, FedYogi
 from .strategies_hypernetwork import Hypernetwork
-from .strategies_personalized import LocalOnly, SimilarityWeighted
+from .strategies_personalized import LocalOnly, SimilarityWeighted, check_number
 from .strategies_robust import CoordinateMedian, MultiKrum, TrimmedMean  # robust (privacy work)
 from .strategy import FedAvg, Strategy
 
@@ -102,8 +101,7 @@ class Ditto(FedAvg):
 
     def __init__(self, *, personal_lambda: float = 0.1, **base: Any) -> None:
         super().__init__(**base)
-        if personal_lambda < 0:
-            raise ValueError(f"argument 'personal_lambda' must be >= 0; got {personal_lambda}")
+        check_number("personal_lambda", personal_lambda, low=0)
         self.personal_lambda = personal_lambda
 
     def plan(self, round: int, site_id: str) -> TrainingPlan:
@@ -151,8 +149,7 @@ class FedRep(FedAvg):
 
     def __init__(self, *, local_first_steps: int = 10, **base: Any) -> None:
         super().__init__(**base)
-        if local_first_steps < 0:
-            raise ValueError(f"argument 'local_first_steps' must be >= 0; got {local_first_steps}")
+        check_number("local_first_steps", local_first_steps, low=0, integer=True)
         self.local_first_steps = local_first_steps
 
     def plan(self, round: int, site_id: str) -> TrainingPlan:

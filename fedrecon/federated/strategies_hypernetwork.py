@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fedrecon.models import Partition, Role, Scope, squash_protocol, state_roles
 
 from .messages import SiteUpdate, StateDict, weighted_average
+from .strategies_personalized import check_number
 from .strategy import ServerState, Strategy, example_weights
 
 __all__ = ["Hypernetwork", "SiteHypernetwork", "global_names_with_roles"]
@@ -108,9 +109,12 @@ class Hypernetwork(Strategy):
         super().__init__(**base)
         if embedding not in ("protocol", "learned"):
             raise ValueError(f"argument 'embedding' must be 'protocol' or 'learned'; got {embedding!r}")
-        if hn_lr <= 0 or embed_dim < 1 or hidden < 0:
-            raise ValueError(f"need hn_lr > 0, embed_dim >= 1, hidden >= 0; got hn_lr={hn_lr}, "
-                             f"embed_dim={embed_dim}, hidden={hidden}")
+        check_number("hn_lr", hn_lr, low=0, strict=True)
+        check_number("embed_dim", embed_dim, low=1, integer=True)
+        check_number("hidden", hidden, low=0, integer=True)
+        if isinstance(targets, str):  # list("a.b") would be its characters
+            raise TypeError(f"argument 'targets' must be a collection of tensor names, not one "
+                            f"string; got {targets!r}")
         self.requested_targets = None if targets is None else list(targets)
         self.embedding = embedding
         self.embed_dim = embed_dim
@@ -249,8 +253,12 @@ class Hypernetwork(Strategy):
         return data
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
-        super().load_state_dict(data)
         saved = data["hypernetwork"]
+        kind = "protocol" if saved["embeddings"] is None else "learned"
+        if kind != self.embedding:  # else learned embeddings would be dropped without a word
+            raise ValueError(f"hypernetwork: the checkpoint was trained with embedding={kind!r}; "
+                             f"this strategy has argument 'embedding'={self.embedding!r}")
+        super().load_state_dict(data)
         self.requested_targets = list(saved["targets"])
         self._build(self._require_state().global_state)
         assert self.hypernet is not None

@@ -5,6 +5,8 @@ that was sampled but did not answer (``missing``), or was not sampled, keeps its
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +43,20 @@ class LocalOnly(Strategy):
         return self.state
 
 
+def check_number(name: str, value: Any, *, low: float, strict: bool = False,
+                 integer: bool = False) -> None:
+    """Refuse a ``value`` of argument ``name`` that is not a finite number ``>= low`` (``> low``
+    when ``strict``; an int when ``integer``): NaN passes every ``<``/``<=`` test and would
+    only show up rounds later as NaN states or a non-finite training loss."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if strict else value >= low))
+    if not ok:
+        what = "an int" if integer else "a finite number"
+        raise ValueError(f"argument '{name}' must be {what} {'>' if strict else '>='} {low:g}; "
+                         f"got {value!r}")
+
+
 def _flat(state: Mapping[str, Tensor], keys: Sequence[str]) -> Tensor:
     return torch.cat([state[k].detach().reshape(-1).to(torch.float64) for k in keys])
 
@@ -52,6 +68,7 @@ def similarity_weights(vectors: Tensor, *, metric: str, temperature: float) -> T
     Euclidean distance (normalized, so ``T`` does not depend on the model's size);
     ``"cosine"``: ``softmax_j(cos_ij / T)``.
     """
+    check_number("temperature", temperature, low=0, strict=True)
     n = vectors.shape[0]
     if metric == "distance":
         d = torch.cdist(vectors, vectors).square()
@@ -95,8 +112,7 @@ class SimilarityWeighted(Strategy):
         super().__init__(**base)
         if metric not in ("distance", "cosine"):
             raise ValueError(f"argument 'metric' must be 'distance' or 'cosine'; got {metric!r}")
-        if temperature <= 0:
-            raise ValueError(f"argument 'temperature' must be > 0; got {temperature}")
+        check_number("temperature", temperature, low=0, strict=True)
         self.metric = metric
         self.temperature = temperature
         self.last_weights: dict[str, dict[str, float]] = {}  # for logging: site -> peer -> a_ij
