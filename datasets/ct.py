@@ -209,6 +209,8 @@ class CTAcquisition:
             if not (math.isfinite(self.detector_distance) and self.detector_distance >= 0):
                 raise ValueError(f"{own}.detector_distance must be finite and >= 0; "
                                  f"got {self.detector_distance}")
+        if self.det_count is not None:
+            self._check_detector_covers_field_of_view()
         if self.photons is not None:
             positive("photons")
         if not (math.isfinite(self.electronic_noise) and self.electronic_noise >= 0):
@@ -218,6 +220,25 @@ class CTAcquisition:
                              f"has no read-out noise); got {self.electronic_noise} with "
                              f"photons=None")
         return self
+
+    def _check_detector_covers_field_of_view(self) -> None:
+        """An explicit ``det_count`` must see the whole disc inscribed in the field of view
+        (every ray through it hits a bin), else every projection is silently truncated."""
+        own = "CTAcquisition"
+        radius = 0.5 * min(self.image_size) * self.pixel_spacing
+        if self.geometry == "parallel":
+            need = 2.0 * radius  # detector width at the isocentre
+        else:  # the fan's edge rays must pass the centre at >= radius
+            sdd = self.source_distance + self.detector_distance
+            need = 2.0 * sdd * math.tan(math.asin(radius / self.source_distance))
+        width = self.det_count * self.det_spacing
+        if width < need * (1.0 - 1e-9):
+            minimum = math.ceil(need / self.det_spacing * (1.0 - 1e-9))
+            raise ValueError(f"{own}.det_count {self.det_count} x det_spacing {self.det_spacing:g} "
+                             f"mm ({width:g} mm) does not cover the field of view "
+                             f"(image_size x pixel_spacing, {2 * radius:g} mm wide; "
+                             f"{need:g} mm on the detector): use det_count >= {minimum} or "
+                             f"leave det_count out")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> CTAcquisition:

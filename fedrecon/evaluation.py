@@ -183,9 +183,11 @@ def _tv(weight: float, n_iter: int = 150) -> Method:
 
 
 def _fbp(window: str) -> Method:
-    from fedrecon.operators import fbp
+    """FBP with the site's window; a short fan scan gets Parker weights, as the dataset's
+    own ``return_fbp`` does."""
+    from fedrecon.operators import fbp, is_short_scan
 
-    return lambda prep: fbp(prep.op, prep.y, window).clamp_min(0)
+    return lambda prep: fbp(prep.op, prep.y, window, parker=is_short_scan(prep.op)).clamp_min(0)
 
 
 # name -> modality -> candidate methods (parameter, method); the tuning picks one

@@ -181,6 +181,7 @@ def _parse_site(data: Any, where: str, base: Path) -> SiteEntry:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: must be a table ([[sites]]); got {type(data).__name__}")
     raw = dict(data)
+    spec_where = where  # SiteSpec.from_dict adds the site's name itself
     if isinstance(raw.get("name"), str):
         where = f"{where} ({raw['name']!r})"
     acq = raw.get("acquisition")
@@ -194,7 +195,7 @@ def _parse_site(data: Any, where: str, base: Path) -> SiteEntry:
     if not folder_keys:
         if isinstance(raw.get("data"), Mapping) and raw["data"].get("path"):
             raw["data"] = dict(raw["data"]) | {"path": str(_resolve(raw["data"]["path"], base))}
-        spec = SiteSpec.from_dict(raw, where)
+        spec = SiteSpec.from_dict(raw, spec_where)
         if spec.data.kind == "folder" and not Path(spec.data.path).is_dir():
             raise ConfigError(f"{where}: data folder {spec.data.path} does not exist")
         return SiteEntry(spec)
@@ -213,7 +214,7 @@ def _parse_site(data: Any, where: str, base: Path) -> SiteEntry:
             raise ConfigError(f"{where}: {key} folder {folder} does not exist")
         folders[key] = folder
     raw["data"] = {"kind": "folder", "path": str(folders["train"])}
-    return SiteEntry(SiteSpec.from_dict(raw, where), folders)
+    return SiteEntry(SiteSpec.from_dict(raw, spec_where), folders)
 
 
 def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,

@@ -23,7 +23,7 @@ from .registry import OPERATOR_REGISTRY, make_operator, register_operator
 from .ct import CTGeometry, FanBeam2D, ParallelBeam2D, clear_projector_cache
 from .cone import ConeBeam3D, ConeGeometry
 from .ct_noise import log_transform, simulate_low_dose, simulate_transmission
-from .fbp import FILTERS, fbp, filter_sinogram, parker_weights, ramp_filter
+from .fbp import FILTERS, fbp, filter_sinogram, is_short_scan, parker_weights, ramp_filter
 from .phantoms import MODIFIED_SHEPP_LOGAN, ellipse_line_integrals, shepp_logan
 # --- MRI (section owned by the MRI work) -------------------------------------------------
 from .coils import birdcage_maps, espirit_maps

@@ -24,7 +24,7 @@ from torch import Tensor
 from ._checks import check_real, check_trailing_shape
 from .ct import CTGeometry, FanBeam2D, ParallelBeam2D, _Projector2D, _SparseApply, cached_sparse_pair
 
-__all__ = ["FILTERS", "fbp", "ramp_filter", "filter_sinogram", "parker_weights"]
+__all__ = ["FILTERS", "fbp", "filter_sinogram", "is_short_scan", "parker_weights", "ramp_filter"]
 
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 _FILTER_ALIASES = {"ram-lak": "ramp", "ramlak": "ramp"}
@@ -110,6 +110,19 @@ def parker_weights(op: FanBeam2D, dtype: torch.dtype = torch.float64) -> Tensor:
     w = torch.where(fall, torch.sin(math.pi / 4 * (math.pi + 2 * gmax - b) / (gmax + gm).clamp_min(1e-12)) ** 2, w)
     w = torch.where(b > math.pi + 2 * gmax, torch.zeros_like(w), w)
     return w.to(dtype)
+
+
+def is_short_scan(op: ParallelBeam2D | FanBeam2D) -> bool:
+    """Whether ``op`` is a fan-beam short scan, for which FBP needs Parker weights
+    (``fbp(..., parker=True)``): its angles cover at least ``pi`` plus the fan angle but less
+    than ``2 pi`` (the rule of ``CTAcquisition.uses_short_scan``, from the geometry itself)."""
+    if not isinstance(op, FanBeam2D):
+        return False
+    g = op.geometry
+    n = g.n_angles
+    span = abs(float(g.angles[-1] - g.angles[0])) * n / max(n - 1, 1)  # n equispaced views
+    fan = 2.0 * float(torch.atan(g.detector_positions().abs().max() / g.source_detector_distance))
+    return math.pi + fan <= span + 1e-9 and span < 2.0 * math.pi - 1e-9
 
 
 def _fbp_backprojector_rows(geom: CTGeometry, device: torch.device,

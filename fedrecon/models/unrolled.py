@@ -17,15 +17,23 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fedrecon.operators import FanBeam2D, LinearOperator, MultiCoilMRI, ParallelBeam2D, fbp
+from fedrecon.operators import (
+    FanBeam2D,
+    LinearOperator,
+    MultiCoilMRI,
+    ParallelBeam2D,
+    fbp,
+    is_short_scan,
+)
 
 __all__ = ["Unrolled", "default_x0"]
 
 
 def default_x0(op: LinearOperator, y: Tensor) -> Tensor:
-    """The classical starting point: FBP for CT projectors, the adjoint otherwise."""
+    """The classical starting point: FBP for CT projectors (Parker-weighted for a short fan
+    scan), the adjoint otherwise."""
     if isinstance(op, (ParallelBeam2D, FanBeam2D)):
-        return fbp(op, y, filter="hann")
+        return fbp(op, y, filter="hann", parker=is_short_scan(op))
     return op.A_adjoint(y)
 
 
