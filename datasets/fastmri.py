@@ -480,6 +480,27 @@ class FastMRISliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def sample_shape(self, index: int) -> tuple[tuple[int, ...], tuple[int, int]]:
+        """``((C, H, W), crop)`` of sample ``index``, from the index (no read): what must
+        agree for samples to share a batch (:func:`collate_mri_samples`)."""
+        info = self.volumes[self.samples[index][0]]
+        crop = self.crop_size or (info.recon_size[0], info.recon_size[1])
+        return (info.n_coils, *info.kspace_shape[-2:]), crop
+
+    def shape_batches(self, batch_size: int) -> list[list[int]]:
+        """All sample indices in order, cut into batches of at most ``batch_size`` that
+        never mix k-space shapes or crops (fastMRI sites mix coil counts and matrix widths
+        from volume to volume); a ``DataLoader`` ``batch_sampler`` for evaluation."""
+        batches: list[list[int]] = []
+        last = None
+        for i in range(len(self)):
+            shape = self.sample_shape(i)
+            if not batches or shape != last or len(batches[-1]) == batch_size:
+                batches.append([])
+            batches[-1].append(i)
+            last = shape
+        return batches
+
     # -- masks ---------------------------------------------------------------------------
     def volume_mask(self, volume: int) -> _VolumeMask:
         """The mask of volume index ``volume`` (identical for all its slices), memoised."""

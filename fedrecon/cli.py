@@ -340,11 +340,10 @@ def _external_site(cfg: Any, exp: Any, args: argparse.Namespace) -> Any:
     """A copy of site ``--site`` whose test split is the ``.h5`` files of ``--data``."""
     import copy
 
-    from torch.utils.data import DataLoader
-
     from fedrecon.datasets import collate_ct_samples, collate_mri_samples
 
     from .experiment import SiteEntry, entry_datasets
+    from .federated.site import eval_loader
 
     names = [s.site_id for s in exp.all_sites]
     if args.site is None and len(names) > 1:
@@ -361,7 +360,7 @@ def _external_site(cfg: Any, exp: Any, args: argparse.Namespace) -> Any:
                           coil_maps=cfg.coil_maps)["test"]
     collate = collate_mri_samples if entry.spec.modality == "mri" else collate_ct_samples
     site = copy.copy(next(s for s in exp.all_sites if s.site_id == name))
-    site.test_loader = DataLoader(data, batch_size=8, collate_fn=collate)
+    site.test_loader = eval_loader(data, 8, collate)
     return site
 
 
@@ -470,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedrecon.datasets.fastmri import FastMRIFormatError
+
     from .experiment import ConfigError
 
     parser = build_parser()
@@ -479,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "label", None) is not None:
             args.label = _labels(args.label)
         return int(args.func(args) or 0)
-    except (ConfigError, CLIError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, CLIError, FileExistsError, FileNotFoundError,
+            FastMRIFormatError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"fedrecon {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -509,8 +509,18 @@ def entry_datasets(entry: SiteEntry, seed: int, *, coil_maps: str | None = "espi
         data = simulate_sites([entry.spec], seed, root=root, coil_maps=maps)[entry.name]
         return {"train": data.train, "val": data.val, "test": data.test}
     own = site_seed(seed, entry.name)
-    return {split: make_site_dataset(entry.spec, _folder_files(entry, split), own, maps)
-            if split in entry.folders else None for split in SPLITS}
+    out = {split: make_site_dataset(entry.spec, _folder_files(entry, split), own, maps)
+           if split in entry.folders else None for split in SPLITS}
+    for split in ("train", "val"):  # trained on / validated every round: targets needed
+        bare = [v for v in getattr(out[split], "volumes", ())
+                if getattr(v, "target_key", "") is None]
+        if bare:
+            key = "reconstruction_esc" if entry.spec.data.challenge == "singlecoil" \
+                else "reconstruction_rss"
+            raise ConfigError(f"site {entry.name!r}: {bare[0].path}: no dataset {key!r} (a "
+                              f"test/challenge file with only a 'mask'); the {split} folder "
+                              f"needs files with targets")
+    return out
 
 
 def site_datasets(cfg: RunConfig, entry: SiteEntry) -> dict[str, Any]:
@@ -650,6 +660,15 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     factory = _model_factory(model_cfg, mri, cfg.seed)
     device = resolve_device(cfg.device)
     datasets = {e.name: site_datasets(cfg, e) for e in cfg.sites}
+    for name, ds in datasets.items():
+        train = ds["train"]
+        shapes = {train.sample_shape(i) for i in range(len(train))} \
+            if hasattr(train, "sample_shape") and cfg.batch_size > 1 else ()
+        if len(shapes) > 1:
+            raise ConfigError(f"{cfg.source or 'config'}: key 'batch_size' ({cfg.batch_size}) "
+                              f"needs one k-space shape per site; site {name!r} has train "
+                              f"files of shapes {sorted(shapes)} ((coils, H, W), crop): set "
+                              f"batch_size = 1")
     train_batches = [math.ceil(len(ds["train"]) / cfg.batch_size) for n, ds in datasets.items()
                      if n != cfg.held_out]
     steps = _local_steps(cfg, train_batches)

@@ -23,7 +23,7 @@ from .messages import SiteInstructions, SiteUpdate, StateDict, make_update
 from .mixture import MixtureOfExperts, fit_mixture_weight
 from .store import LocalStore, MemoryStore
 
-__all__ = ["Site", "site_seed"]
+__all__ = ["Site", "eval_loader", "site_seed"]
 
 
 def site_seed(seed: int, site_id: str, round: int) -> int:
@@ -44,6 +44,20 @@ def _proximal(model: nn.Module, names: set[str], anchor: Mapping[str, Tensor],
         return 0.5 * coef * total
 
     return term
+
+
+def eval_loader(dataset: Any, batch_size: int, collate: Callable) -> Any:
+    """An evaluation ``DataLoader`` over ``dataset`` (``None`` for ``None``), in order; over
+    fastMRI files its batches never mix k-space shapes (coil counts and matrix sizes vary
+    from volume to volume in a site's real data), whatever ``batch_size``."""
+    from torch.utils.data import DataLoader
+
+    if dataset is None:
+        return None
+    shape_batches = getattr(dataset, "shape_batches", None)
+    if shape_batches is not None:
+        return DataLoader(dataset, batch_sampler=shape_batches(batch_size), collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
 
 
 class Site:
@@ -112,15 +126,13 @@ class Site:
             raise ValueError(f"site '{site_id}': no training data")
         collate = collate_mri_samples if modality == "mri" else collate_ct_samples
 
-        def loader(split: str, size: int, **kw: Any) -> DataLoader | None:
-            ds = datasets.get(split)
-            return None if ds is None else DataLoader(ds, batch_size=size, collate_fn=collate,
-                                                      **kw)
-
-        train = loader("train", batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(loader_seed % 2**63))
-        return cls(site_id, train_loader=train, val_loader=loader("val", eval_batch_size),
-                   test_loader=loader("test", eval_batch_size), **kwargs)
+        train = DataLoader(datasets["train"], batch_size=batch_size, collate_fn=collate,
+                           shuffle=True,
+                           generator=torch.Generator().manual_seed(loader_seed % 2**63))
+        return cls(site_id, train_loader=train,
+                   val_loader=eval_loader(datasets.get("val"), eval_batch_size, collate),
+                   test_loader=eval_loader(datasets.get("test"), eval_batch_size, collate),
+                   **kwargs)
 
     # -- state ------------------------------------------------------------------------------
     def _private(self) -> dict[str, Any]:
