@@ -469,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedrecon.datasets.ct import CTFileError
     from fedrecon.datasets.fastmri import FastMRIFormatError
 
     from .experiment import ConfigError
@@ -481,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.label = _labels(args.label)
         return int(args.func(args) or 0)
     except (ConfigError, CLIError, FileExistsError, FileNotFoundError,
-            FastMRIFormatError) as err:
+            FastMRIFormatError, CTFileError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"fedrecon {args.command}: error: {msg}", file=sys.stderr)
         return 2

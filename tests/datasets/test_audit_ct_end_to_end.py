@@ -200,3 +200,28 @@ def test_model_starting_image_of_a_short_fan_scan_is_parker_weighted():
     err_parker = float((x0 - disk).norm() / disk.norm())
     err_plain = float((fbp(op, y, "hann") - disk).norm() / disk.norm())
     assert err_parker < 0.7 * err_plain, (err_parker, err_plain)
+
+
+def test_a_damaged_ct_file_is_a_one_line_cli_error(tmp_path, capsys):
+    """A CT volume file without its image dataset ends ``fedrecon train`` with one line naming
+    the file (exit 2, no run folder), as a damaged MRI file does."""
+    import h5py
+
+    from fedrecon.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_ct_volume(data / f"p{i}.h5", rng.uniform(-1000, 500, (2, 32, 32)), units="HU",
+                        pixel_spacing=4.0)
+    bad = data / "p9.h5"
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("not_an_image", data=np.zeros(3))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(_CONFIG.format(data=data, extra=""))
+    rc = main(["--quiet", "train", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err, err
+    assert not (tmp_path / "run").exists()
