@@ -184,8 +184,9 @@ def test_short_scan_rule_of_the_operator_matches_the_acquisition(geometry):
 
 
 def test_model_starting_image_of_a_short_fan_scan_is_parker_weighted():
-    from fedrecon.models import default_x0
     from fedrecon.operators import fbp
+
+    from fedrecon.models import default_x0
 
     acq = CTAcquisition(geometry="fan", image_size=(32, 32), angle_range=4.2, n_views=90,
                         source_distance=100.0, detector_distance=60.0).validate()
