@@ -74,6 +74,18 @@ def write_ct_site(root: Path, k: int) -> SiteConfig:
                                         torch_threads=1))
 
 
+def ct_node_context(root: Path, k: int = 0) -> tuple[Any, SiteConfig]:
+    """A ClientApp ``Context`` on node 1 for site ``ct<k>`` (``write_ct_site`` under ``root``,
+    its site config as TOML), with ``RUN_CONFIG`` and a run folder; and the site config."""
+    from flwr.app import Context, RecordDict
+
+    cfg = write_ct_site(root, k)
+    toml = root / f"ct{k}.toml"
+    toml.write_text(site_config_to_toml(cfg))
+    return Context(1, 1, {"site-config": str(toml)}, RecordDict(),
+                   {**RUN_CONFIG, "run-dir": str(root / "run")}), cfg
+
+
 @dataclass
 class Federation:
     """Processes of one federation; :meth:`stop` kills every process group it started."""

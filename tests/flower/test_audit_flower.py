@@ -22,10 +22,9 @@ from fedrecon.runners import flower_cli
 from fedrecon.runners.flower import FlowerRunConfig, arrays_to_state, state_to_arrays
 from fedrecon.runners.flower_server import FlowerServer
 from fedrecon.runners.simulation import RoundFailed
-from fedrecon.runners.site_config import site_config_to_toml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _federation import RUN_CONFIG, write_ct_site
+from _federation import RUN_CONFIG, ct_node_context
 
 
 @pytest.fixture
@@ -325,11 +324,7 @@ def test_a_site_refuses_an_evaluation_meant_for_another_site(tmp_path, task_iden
     be recorded as ct1's."""
     from fedrecon.runners.flower import _evaluate
 
-    cfg = write_ct_site(tmp_path, 0)
-    toml = tmp_path / "ct0.toml"
-    toml.write_text(site_config_to_toml(cfg))
-    context = Context(1, 1, {"site-config": str(toml)}, RecordDict(),
-                      {**RUN_CONFIG, "run-dir": str(tmp_path / "run")})
+    context, _ = ct_node_context(tmp_path)
     server = _server(tmp_path, FakeGrid({}))
 
     def msg(site_id):
@@ -353,11 +348,8 @@ def test_a_site_refuses_a_stale_train_message_of_its_run(tmp_path):
     from fedrecon.federated import SiteInstructions, TrainingPlan
     from fedrecon.runners.flower import _NodeSite, persisted_state
 
-    cfg = write_ct_site(tmp_path, 0)
-    toml = tmp_path / "ct0.toml"
-    toml.write_text(site_config_to_toml(cfg))
-    node = _NodeSite(Context(1, 1, {"site-config": str(toml)}, RecordDict(),
-                             {**RUN_CONFIG, "run-dir": str(tmp_path / "run")}))
+    context, cfg = ct_node_context(tmp_path)
+    node = _NodeSite(context)
     state_dir = Path(cfg.runtime.state_dir)
     start = node.site.initial_global_state()
     plan = TrainingPlan(local_steps=1, lr=1e-3)

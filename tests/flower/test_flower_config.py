@@ -18,7 +18,7 @@ from fedrecon.runners.flower_cli import APP_DIR, run_command, supernode_command
 from fedrecon.runners.site_config import load_site_config, site_config_to_toml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _federation import RUN_CONFIG, write_ct_site
+from _federation import RUN_CONFIG, ct_node_context, write_ct_site
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,16 +150,11 @@ def test_a_repeated_round_starts_from_the_state_before_it(tmp_path):
     """The ClientApp's site store: a fit repeating the round of the last fit of the same
     run (a run resumed from the checkpoint before that round) starts from the state before
     the first try and saves the very same state; a fit of another run trains on top."""
-    from flwr.app import Context, RecordDict
-
     from fedrecon.federated import SiteInstructions, TrainingPlan
     from fedrecon.runners.flower import _NodeSite, persisted_state
 
-    cfg = write_ct_site(tmp_path, 0)
-    toml = tmp_path / "ct0.toml"
-    toml.write_text(site_config_to_toml(cfg))
-    node = _NodeSite(Context(1, 1, {"site-config": str(toml)}, RecordDict(),
-                             {**RUN_CONFIG, "run-dir": str(tmp_path / "run")}))
+    context, cfg = ct_node_context(tmp_path)
+    node = _NodeSite(context)
     state_dir = Path(cfg.runtime.state_dir)
     start = node.site.initial_global_state()
     plan = TrainingPlan(local_steps=1, lr=1e-3)
