@@ -19,17 +19,19 @@ from fedrecon.operators import ifft2c
 from .priors import ImagePrior, UNet
 from .roles import Role
 
-__all__ = ["SensitivityNet", "acs_region", "acs_coil_maps"]
+__all__ = ["SensitivityNet", "acs_coil_maps", "acs_region"]
 
 
-def _centered_run(sampled: Tensor) -> Tensor:
-    """Length of the contiguous run of True around the centre of the last dim: ``(..., N)
-    -> (...)`` (0 when the centre is not sampled)."""
+def _centered_run(sampled: Tensor) -> tuple[Tensor, Tensor]:
+    """The contiguous run of True through the centre ``c = N // 2`` of the last dim, as its
+    extent ``(before, after)``: the run is ``[c - before, c + after)``; ``(...)`` tensors,
+    both 0 when the centre is not sampled. The run may be asymmetric (an odd-width fastMRI
+    band in an even number of columns, or vice versa; a sampled line next to the band)."""
     n = sampled.shape[-1]
     c = n // 2
-    right = torch.cumprod(sampled[..., c:].int(), dim=-1).sum(-1)
-    left = torch.cumprod(sampled[..., :c].flip(-1).int(), dim=-1).sum(-1)
-    return torch.where(sampled[..., c], left + right, torch.zeros_like(left))
+    after = torch.cumprod(sampled[..., c:].int(), dim=-1).sum(-1)
+    before = torch.cumprod(sampled[..., :c].flip(-1).int(), dim=-1).sum(-1)
+    return torch.where(sampled[..., c], before, torch.zeros_like(before)), after
 
 
 def acs_region(mask: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -39,22 +41,26 @@ def acs_region(mask: Tensor, shape: tuple[int, int]) -> Tensor:
     the centre along the centre row; rows likewise along the centre column (all rows for a
     1D Cartesian mask, the calibration box for a 2D one)."""
     h, w = shape
-    m = mask.abs() > 0
+    m = mask != 0  # weighted, complex or boolean masks
     m = m.expand(*m.shape[:-2], h, w).reshape(-1, h, w)  # (B or 1, H, W): coil dim is 1
-    cols = _centered_run(m[:, h // 2, :])  # (B,)
-    rows = _centered_run(m[:, :, w // 2])
+    left, right = _centered_run(m[:, h // 2, :])  # (B,)
+    up, down = _centered_run(m[:, :, w // 2])
     yy = torch.arange(h, device=mask.device)
     xx = torch.arange(w, device=mask.device)
-    top = h // 2 - torch.div(rows, 2, rounding_mode="floor")
-    left = w // 2 - torch.div(cols, 2, rounding_mode="floor")
-    in_rows = (yy[None] >= top[:, None]) & (yy[None] < (top + rows)[:, None])
-    in_cols = (xx[None] >= left[:, None]) & (xx[None] < (left + cols)[:, None])
+    in_rows = (yy[None] >= (h // 2 - up)[:, None]) & (yy[None] < (h // 2 + down)[:, None])
+    in_cols = (xx[None] >= (w // 2 - left)[:, None]) & (xx[None] < (w // 2 + right)[:, None])
     return (in_rows[:, :, None] & in_cols[:, None, :]).to(torch.float32)
 
 
 def _normalize(images: Tensor, eps: float = 1e-12) -> Tensor:
-    rss = images.abs().square().sum(dim=-3, keepdim=True).sqrt()
-    return images / rss.clamp_min(eps * rss.amax().clamp_min(eps))
+    """``images / RSS`` over coils (dim -3). The RSS is floored at ``eps`` times each
+    sample's own largest RSS (a sample's maps do not depend on the rest of the batch), and
+    the square root never sees 0 (its infinite derivative there made NaN gradients): a zero
+    RSS gives zero maps with finite gradients."""
+    power = images.abs().square().sum(dim=-3, keepdim=True)
+    rss = power.clamp_min(torch.finfo(power.dtype).tiny).sqrt()
+    floor = eps * rss.detach().amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    return images / rss.clamp_min(floor)
 
 
 def acs_coil_maps(kspace: Tensor, mask: Tensor) -> Tensor:
