@@ -178,6 +178,9 @@ def simulate_sites(specs: Sequence[SiteSpec], seed: int, *,
         mask function and protocol vector; CT splits are ``CTSliceDataset``.
     """
     check_unique_names(specs)
+    for spec in specs:  # before any volume is written: a bad split fails fast, leaves nothing
+        if spec.data.kind == "synthetic":
+            _split_counts(spec.data.n_volumes, spec.split, f"site {spec.name!r}")
     if root is None and any(s.data.kind == "synthetic" for s in specs):
         root = tempfile.mkdtemp(prefix="fedrecon-sites-")
     root = Path(root) if root is not None else Path.cwd()

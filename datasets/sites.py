@@ -206,6 +206,10 @@ class DataSource:
         if min(self.n_volumes, self.n_slices) < 1 or self.image_size < 8:
             raise ConfigError(f"DataSource: need n_volumes, n_slices >= 1 and image_size >= 8;"
                               f" got {self.n_volumes}, {self.n_slices}, {self.image_size}")
+        z = tuple(self.z_range)
+        if len(z) != 2 or not 0.0 <= z[0] < z[1] <= 1.0:  # NaN fails too
+            raise ConfigError(f"DataSource: 'z_range' must satisfy 0 <= lo < hi <= 1; "
+                              f"got {self.z_range}")
 
 
 def ct_acquisition_class() -> type:
@@ -232,6 +236,10 @@ class SiteSpec:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise ConfigError(f"SiteSpec: 'name' must be a non-empty string; got {self.name!r}")
+        if self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            # the name is a folder (and file name prefix) under the data root
+            raise ConfigError(f"SiteSpec: 'name' must not contain '/', '\\' or NUL, nor be "
+                              f"'.' or '..' (it names the site's data folder); got {self.name!r}")
         if self.modality not in ("mri", "ct"):
             raise ConfigError(f"site {self.name!r}: 'modality' must be 'mri' or 'ct'; "
                               f"got {self.modality!r}")

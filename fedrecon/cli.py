@@ -38,6 +38,7 @@ class CLIError(Exception):
 # -- simulate-data ----------------------------------------------------------------------------
 def cmd_simulate_data(args: argparse.Namespace) -> int:
     from .experiment import config_to_toml, load_config, materialize_synthetic
+    from .federated.store import atomic_write_text
 
     cfg = load_config(args.config)
     if args.seed is not None:
@@ -46,15 +47,20 @@ def cmd_simulate_data(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, seed=args.seed)
     out = Path(args.out)
     created = not out.exists()
+    existing = set(out.iterdir()) if out.is_dir() else set()
+    # site folders that are there but empty (materialize_synthetic accepts them)
+    empty = [d for d in (out / e.name for e in cfg.sites) if d.is_dir() and not any(d.iterdir())]
     try:
         out.mkdir(parents=True, exist_ok=True)
         made = materialize_synthetic(cfg, out.resolve())
         text = config_to_toml(made)
         # only the [[sites]] part is a sites file; the rest are this config's settings
-        (out / "sites.toml").write_text(text[text.index("[[sites]]"):])
+        atomic_write_text(out / "sites.toml", text[text.index("[[sites]]"):])
     except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        # leave nothing half-made: out if created, else what it added (site folders too)
+        _remove_new(out, created, existing, ())
+        for folder in empty:
+            _remove_new(folder, False, set(), ())
         raise
     for e in made.sites:
         counts = {k: len(list(v.glob("*.h5"))) for k, v in (e.folders or {}).items()}
