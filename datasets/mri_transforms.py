@@ -230,6 +230,13 @@ class CoilMapCache:
             width = min(width, int(num_low_frequencies))
         return width
 
+    def kernel_width(self, num_low_frequencies: int) -> int:
+        """The ESPIRiT kernel width used for a mask with ``num_low_frequencies`` ACS columns;
+        below 3 the ACS region is too narrow and :meth:`compute_volume` refuses it."""
+        # A kernel wider than half the calibration region leaves too few calibration rows
+        # for the null space and ESPIRiT returns all-zero maps (seen: 8 ACS lines, kernel 6).
+        return min(self.settings.kernel_width, self.calib_width(num_low_frequencies) // 2)
+
     def key(self, path: str | os.PathLike, mask: Tensor, num_low_frequencies: int) -> str:
         """The cache key of ``path`` masked with ``mask`` (see the class docstring)."""
         mask_np = np.ascontiguousarray(mask.detach().cpu().numpy(), dtype=np.float32)
@@ -289,9 +296,7 @@ class CoilMapCache:
             raise ValueError(f"{path}: coil maps need multicoil k-space (S, C, H, W); "
                              f"got {tuple(kspace.shape)}")
         calib = self.calib_width(num_low_frequencies)
-        # A kernel wider than half the calibration region leaves too few calibration rows
-        # for the null space and ESPIRiT returns all-zero maps (seen: 8 ACS lines, kernel 6).
-        kernel = min(self.settings.kernel_width, calib // 2)
+        kernel = self.kernel_width(num_low_frequencies)
         if kernel < 3:
             raise ValueError(
                 f"{path}: the ACS region ({num_low_frequencies} columns) is too narrow for "

@@ -59,6 +59,7 @@ __all__ = [
     "DataSource",
     "MRIAcquisition",
     "SiteSpec",
+    "check_acquisition_fits",
     "check_unique_names",
     "ct_acquisition_class",
     "dump_site_specs",
@@ -154,6 +155,118 @@ class MRIAcquisition:
         one_hot = [float(name == self.mask_type) for name in MASK_TYPES]
         values = [self.acceleration, self.center_fraction, self.n_coils, self.noise_std]
         return torch.tensor(values + one_hot, dtype=torch.float32)
+
+
+# -- does an acquisition fit a k-space shape? (a dry run of the real mask function) -----------
+_MASKS_2D = ("variable_density", "poisson")
+
+
+def _dry_run(acq: MRIAcquisition, shape: tuple[int, ...]) -> tuple[str | None, int]:
+    """Draw ``acq``'s mask for k-space of ``shape`` as a dataset does: (error, ACS width)."""
+    try:
+        _, n_low = acq.mask_function(seed=0)(shape, seed=0)
+    except (ValueError, ArithmeticError, IndexError, ConfigError) as err:
+        return (str(err).splitlines()[0] if str(err) else type(err).__name__), 0
+    return None, int(n_low)
+
+
+def _variant(acq: MRIAcquisition, key: str, value: Any) -> MRIAcquisition | None:
+    try:
+        return dataclasses.replace(acq, **{key: value})
+    except ConfigError:
+        return None
+
+
+def _largest(acq: MRIAcquisition, key: str, values: Sequence[Any],
+             ok: Callable[[MRIAcquisition], bool]) -> Any:
+    """The largest of the ascending ``values`` of ``key`` for which ``ok`` holds (bisection:
+    the smaller values are the easier ones); ``None`` when none does."""
+    lo, hi, best = 0, len(values) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        variant = _variant(acq, key, values[mid])
+        if variant is not None and ok(variant):
+            best, lo = values[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _smallest(acq: MRIAcquisition, key: str, values: Sequence[Any],
+              ok: Callable[[MRIAcquisition], bool]) -> Any:
+    for value in values:
+        variant = _variant(acq, key, value)
+        if variant is not None and ok(variant):
+            return value
+    return None
+
+
+def _lower_accelerations(acq: MRIAcquisition) -> list[float]:
+    step = 1.0 if acq.mask_type in _INTEGER_ACCELERATION else 0.5
+    return [1.0 + step * i for i in range(int((acq.acceleration - 1.0) / step) + 1)
+            if 1.0 + step * i < acq.acceleration]
+
+
+def check_acquisition_fits(acq: MRIAcquisition, shape: Sequence[int], where: str, *,
+                           min_acs_ok: Callable[[int], bool] | None = None,
+                           what: str = "") -> None:
+    """Raise a one-line :class:`ConfigError` naming ``where`` and the key when ``acq``'s mask
+    cannot be drawn for k-space of ``shape`` ``(C, H, W)``, or (``min_acs_ok``, e.g. the
+    ESPIRiT coil-map check) when its fully sampled centre is refused; the message says which
+    value would work, found by dry runs of the same mask function on the same shape."""
+    shape = tuple(int(s) for s in shape)
+    h, w = shape[-2], shape[-1]
+    on = f"the {h}x{w} k-space{what}"
+    err, n_low = _dry_run(acq, shape)
+    two_d = acq.mask_type in _MASKS_2D
+
+    def mask_ok(a: MRIAcquisition) -> bool:
+        return _dry_run(a, shape)[0] is None
+
+    def acs_ok(a: MRIAcquisition) -> bool:
+        e, n = _dry_run(a, shape)  # a suggestion keeps a fully sampled centre
+        return e is None and n > 0 and (min_acs_ok is None or min_acs_ok(n))
+
+    if err is not None:
+        head = f"{where}: the {acq.mask_type!r} mask cannot be drawn for {on} ({err})"
+        if two_d:
+            best = _largest(acq, "calib_size", list(range(min(h, w) + 1)), mask_ok)
+            if best is not None and best < acq.calib_size:
+                raise ConfigError(f"{head}: key 'calib_size' = {acq.calib_size} is too large; "
+                                  f"use calib_size <= {best}")
+        best = _largest(acq, "acceleration", _lower_accelerations(acq), mask_ok)
+        if best is not None:
+            raise ConfigError(f"{head}: key 'acceleration' = {acq.acceleration:g} is too high "
+                              f"for {w} columns; use acceleration <= {best:g}")
+        if not two_d:
+            fractions = sorted({math.floor(k / w * 1000) / 1000 for k in range(w + 1)})
+            best = _largest(acq, "center_fraction", fractions, mask_ok)
+            if best is not None and best < acq.center_fraction:
+                raise ConfigError(f"{head}: key 'center_fraction' = {acq.center_fraction:g} is "
+                                  f"too large; use center_fraction <= {best:g}")
+        raise ConfigError(f"{head}: key 'acceleration' = {acq.acceleration:g} does not fit; "
+                          "lower it or use another mask_type")
+    if min_acs_ok is None or min_acs_ok(n_low):
+        return
+    head = (f"{where}: the mask's fully sampled centre ({n_low} columns of {w}) is too narrow "
+            f"for ESPIRiT coil maps on {on}")
+    if two_d:
+        best = _smallest(acq, "calib_size", list(range(min(h, w) + 1)), acs_ok)
+        if best is not None:
+            raise ConfigError(f"{head}: key 'calib_size' = {acq.calib_size} is too small; use "
+                              f"calib_size >= {best}")
+    else:
+        fractions = sorted({math.ceil(k / w * 1000) / 1000 for k in range(w + 1)})
+        best = _smallest(acq, "center_fraction", [f for f in fractions if f <= 1], acs_ok)
+        if best is not None:
+            raise ConfigError(f"{head}: key 'center_fraction' = {acq.center_fraction:g} is too "
+                              f"small; use center_fraction >= {best:g}")
+    best = _largest(acq, "acceleration", _lower_accelerations(acq), acs_ok)
+    if best is not None:
+        raise ConfigError(f"{head}: key 'acceleration' = {acq.acceleration:g} is too high; use "
+                          f"acceleration <= {best:g}")
+    key = "calib_size" if two_d else "center_fraction"
+    raise ConfigError(f"{head}: raise key '{key}' or use another mask_type")
 
 
 # -- data sources and site specs --------------------------------------------------------------

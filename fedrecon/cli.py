@@ -83,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .experiment import (
         RUN_CONFIG_NAME,
         build_experiment,
+        check_synthetic_acquisitions,
         config_to_toml,
         load_config,
         materialize_synthetic,
@@ -93,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, rounds=args.rounds)
+    check_synthetic_acquisitions(cfg)  # before any folder is written or data simulated
     out = Path(args.out)
     prepare_run_dir(out)
     created = not out.exists()

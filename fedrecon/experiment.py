@@ -46,7 +46,7 @@ from torch import nn
 from fedrecon.datasets import ConfigError, SiteSpec, simulate_sites
 from fedrecon.datasets.config import toml_value
 from fedrecon.datasets.site_simulation import SPLITS, make_site_dataset, site_seed
-from fedrecon.datasets.sites import MRIAcquisition, ct_acquisition_class
+from fedrecon.datasets.sites import MRIAcquisition, check_acquisition_fits, ct_acquisition_class
 from fedrecon.models import ModelConfig, Partition, Role, build_model
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "RunConfig",
     "SiteEntry",
     "build_experiment",
+    "check_synthetic_acquisitions",
     "config_to_toml",
     "load_config",
     "materialize_synthetic",
@@ -215,6 +216,60 @@ def _parse_site(data: Any, where: str, base: Path) -> SiteEntry:
         folders[key] = folder
     raw["data"] = {"kind": "folder", "path": str(folders["train"])}
     return SiteEntry(SiteSpec.from_dict(raw, spec_where), folders)
+
+
+def _espirit_ok(num_low_frequencies: int) -> bool:
+    """Whether the coil-map cache accepts a mask with this ACS width (its own check)."""
+    from fedrecon.datasets.mri_transforms import CoilMapCache
+
+    return CoilMapCache().kernel_width(num_low_frequencies) >= 3
+
+
+def check_synthetic_acquisitions(cfg: RunConfig) -> None:
+    """Training's checks of the synthetic MRI sites' acquisitions, whose k-space shape the
+    config fixes (``(n_coils, image_size, image_size)``): the mask can be drawn and its
+    centre suits ESPIRiT. A :class:`ConfigError` naming the file, the site and the key; run
+    it before anything is written (``simulate-data`` alone needs neither)."""
+    for i, entry in enumerate(cfg.sites):
+        spec = entry.spec
+        if entry.folders is not None or spec.modality != "mri" or spec.data.kind != "synthetic":
+            continue
+        size = spec.data.image_size
+        espirit = cfg.coil_maps == "espirit" and spec.data.challenge == "multicoil"
+        check_acquisition_fits(spec.acquisition, (spec.acquisition.n_coils, size, size),
+                               f"{cfg.source or 'config'}: sites[{i}] ({entry.name!r})"
+                               ".acquisition", min_acs_ok=_espirit_ok if espirit else None,
+                               what=f" of synthetic image_size {size}")
+
+
+def _check_site_masks(cfg: RunConfig, index: int, splits: Mapping[str, Any]) -> None:
+    """Draw every volume's mask now, as training would (memoised by the dataset), so that an
+    acquisition that does not fit a file's k-space is a :class:`ConfigError` naming the
+    config, the site and the key before any round runs."""
+    entry = cfg.sites[index]
+    where = f"{cfg.source or 'config'}: sites[{index}] ({entry.name!r}).acquisition"
+    for ds in splits.values():
+        if ds is None or getattr(ds, "mask_func", None) is None:
+            continue
+        cache = getattr(ds, "coil_map_cache", None)
+        for v, info in enumerate(ds.volumes):
+            if info.has_mask:  # the file's own mask
+                continue
+            try:
+                n_low = ds.volume_mask(v).num_low_frequencies
+                fine = cache is None or cache.kernel_width(n_low) >= 3
+            except (ValueError, ArithmeticError, IndexError):
+                fine = False
+            if fine:
+                continue
+            shape = (info.n_coils, *info.kspace_shape[-2:])
+            check_acquisition_fits(entry.spec.acquisition, shape, where,
+                                   min_acs_ok=None if cache is None else
+                                   (lambda n, c=cache: c.kernel_width(n) >= 3),
+                                   what=f" of {info.path.name}")
+            raise ConfigError(f"{where}: the mask does not fit the k-space {shape} of "
+                              f"{info.path.name}; check 'acceleration', 'center_fraction' and "
+                              f"'calib_size'")
 
 
 def parse_config(doc: Mapping[str, Any], *, base: Path | None = None,
@@ -659,7 +714,11 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     model_cfg = effective_model_config(cfg)
     factory = _model_factory(model_cfg, mri, cfg.seed)
     device = resolve_device(cfg.device)
+    check_synthetic_acquisitions(cfg)
     datasets = {e.name: site_datasets(cfg, e) for e in cfg.sites}
+    for i, entry in enumerate(cfg.sites):
+        if entry.spec.modality == "mri":
+            _check_site_masks(cfg, i, datasets[entry.name])
     for name, ds in datasets.items():
         train = ds["train"]
         shapes = {train.sample_shape(i) for i in range(len(train))} \
