@@ -167,6 +167,9 @@ _CACHE_FORMAT = 1
 _HASH_SLICES = "first+last"
 
 
+_MIN_KERNEL = 3  # the narrowest ESPIRiT kernel the coil-map cache runs
+
+
 class CoilMapCache:
     """ESPIRiT maps computed once per volume (all slices at once) and kept in sidecar files.
 
@@ -231,11 +234,16 @@ class CoilMapCache:
         return width
 
     def kernel_width(self, num_low_frequencies: int) -> int:
-        """The ESPIRiT kernel width used for a mask with ``num_low_frequencies`` ACS columns;
-        below 3 the ACS region is too narrow and :meth:`compute_volume` refuses it."""
+        """The ESPIRiT kernel width used for a mask with ``num_low_frequencies`` ACS columns
+        (:meth:`accepts` tells whether :meth:`compute_volume` runs with it)."""
         # A kernel wider than half the calibration region leaves too few calibration rows
         # for the null space and ESPIRiT returns all-zero maps (seen: 8 ACS lines, kernel 6).
         return min(self.settings.kernel_width, self.calib_width(num_low_frequencies) // 2)
+
+    def accepts(self, num_low_frequencies: int) -> bool:
+        """Whether :meth:`compute_volume` accepts a mask with ``num_low_frequencies`` ACS
+        columns (an ESPIRiT kernel of at least 3)."""
+        return self.kernel_width(num_low_frequencies) >= _MIN_KERNEL
 
     def key(self, path: str | os.PathLike, mask: Tensor, num_low_frequencies: int) -> str:
         """The cache key of ``path`` masked with ``mask`` (see the class docstring)."""
@@ -297,7 +305,7 @@ class CoilMapCache:
                              f"got {tuple(kspace.shape)}")
         calib = self.calib_width(num_low_frequencies)
         kernel = self.kernel_width(num_low_frequencies)
-        if kernel < 3:
+        if not self.accepts(num_low_frequencies):
             raise ValueError(
                 f"{path}: the ACS region ({num_low_frequencies} columns) is too narrow for "
                 f"ESPIRiT (needs at least 6 fully sampled centre columns); use a mask with "
